@@ -11,8 +11,9 @@ A ``LoRABatch`` holds, on the device:
   adapter's tokens form one run, then cuts the same way.
 
 Plans are computed from ``token_adapter`` with device ops only (no host synchronisation); their
-number of chunks is a static upper bound (``cdiv(s, chunk_size)`` plus the number of runs), and
-unused chunks have length 0.
+number of chunks is a static upper bound — ``cdiv(s, chunk_size)`` plus the number of runs
+(``max_segments``, or ``L + 1`` adapter groups once sorted), and never more than ``s`` since a chunk
+holds at least one token — and unused chunks have length 0.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _as_cpu_tensor(values, name: str, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LoRABatch:
     """Per-batch LoRA metadata: which adapter each token uses, and the backends' chunk plans.
 
@@ -119,6 +120,29 @@ class LoRABatch:
     @property
     def device(self) -> torch.device:
         return self.token_adapter.device
+
+    def copy_(self, other: LoRABatch) -> LoRABatch:
+        """Copy another batch's metadata into this one's tensors, in place.
+
+        For CUDA graphs: capture with one batch, then before each replay copy the next batch
+        (same token count, slots, chunk size and ``max_segments``) into the captured one.
+        """
+        pairs = [(self.token_adapter, other.token_adapter), (self.adapter_rank, other.adapter_rank),
+                 (self.adapter_scaling, other.adapter_scaling)]
+        for mine, theirs in ((self.segment_plan, other.segment_plan), (self.sorted_plan, other.sorted_plan)):
+            if mine.chunk_size != theirs.chunk_size:
+                raise ValueError(f"copy_: chunk_size differs ({mine.chunk_size} vs {theirs.chunk_size})")
+            pairs += [(mine.token_order, theirs.token_order), (mine.chunk_adapter, theirs.chunk_adapter),
+                      (mine.chunk_start, theirs.chunk_start), (mine.chunk_len, theirs.chunk_len)]
+        for mine, theirs in pairs:
+            if mine.shape != theirs.shape:
+                raise ValueError(f"copy_: metadata shapes differ ({tuple(mine.shape)} vs {tuple(theirs.shape)}): "
+                                 "batches need equal token counts, slots and max_segments")
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+        self.max_rank = other.max_rank
+        self.prefers_adapter_sorting = other.prefers_adapter_sorting
+        return self
 
     def plan(self, backend: str) -> ChunkPlan:
         """The chunk plan a backend walks (``torch_native`` reads only ``token_adapter``)."""
@@ -156,7 +180,8 @@ class LoRABatch:
             raise ValueError(f"seq_lens must be non-negative, got {lengths.tolist()}")
         token_adapter = torch.repeat_interleave(seq_adapter, lengths)
         return cls.from_token_adapters(
-            token_adapter, ranks, scalings, device=device, chunk_size=chunk_size
+            token_adapter, ranks, scalings, device=device, chunk_size=chunk_size,
+            max_segments=lengths.shape[0],
         )
 
     @classmethod
@@ -168,11 +193,15 @@ class LoRABatch:
         *,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
+        max_segments: int | None = None,
     ) -> LoRABatch:
         """Metadata from the adapter slot of every token (``-1`` = no adapter).
 
         Validates on the host once (reads the ids back if they are on a GPU), then builds the
-        chunk plans on ``device`` with device ops only.
+        chunk plans on ``device`` with device ops only. ``max_segments`` bounds the number of
+        runs of one adapter in token order (``build`` passes the number of sequences); it sizes
+        the segment plan, so batches with equal token counts and bounds have equal shapes and
+        can be copied into each other's buffers (``copy_``). Default: the runs of this batch.
         """
         if device is None:
             device = (
@@ -204,6 +233,12 @@ class LoRABatch:
             raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
 
         run_lengths = torch.unique_consecutive(token_adapter, return_counts=True)[1]
+        if max_segments is None:
+            max_segments = run_lengths.numel()
+        elif max_segments < run_lengths.numel():
+            raise ValueError(
+                f"max_segments ({max_segments}) is below the batch's {run_lengths.numel()} runs of one adapter"
+            )
         adapter_counts = torch.bincount(token_adapter + 1, minlength=num_slots + 1)
         num_segment_chunks = _num_chunks_needed(run_lengths, chunk_size)
         num_sorted_chunks = _num_chunks_needed(adapter_counts, chunk_size)
@@ -213,13 +248,13 @@ class LoRABatch:
         positions = torch.arange(num_tokens, dtype=torch.int32, device=device)
         segment_plan = ChunkPlan(
             positions,
-            *_cut_runs_into_chunks(token_adapter, chunk_size, tiles + run_lengths.numel()),
+            *_cut_runs_into_chunks(token_adapter, chunk_size, min(tiles + max_segments, num_tokens)),
             chunk_size,
         )
         sort_order = torch.sort(token_adapter, stable=True).indices
         sorted_plan = ChunkPlan(
             sort_order.to(torch.int32),
-            *_cut_runs_into_chunks(token_adapter[sort_order], chunk_size, tiles + num_slots + 1),
+            *_cut_runs_into_chunks(token_adapter[sort_order], chunk_size, min(tiles + num_slots + 1, num_tokens)),
             chunk_size,
         )
         return cls(
