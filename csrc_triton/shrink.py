@@ -11,7 +11,7 @@ import triton.language as tl
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, weight_ptr, out_ptr,
+    x_ptr, weight_ptr, out_ptr, partial_ptr, counter_ptr,
     token_order_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr, adapter_rank_ptr,
     in_features, stride_xm, stride_wl, stride_wn, stride_om, stride_split,
     MAX_RANK: tl.constexpr, TILES_PER_SLICE: tl.constexpr, NUM_N_TILES: tl.constexpr,
@@ -44,10 +44,13 @@ def _shrink_kernel(
     rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
     rank = tl.minimum(rank, MAX_RANK)  # a rank above R must not spill into the next slice
 
-    out_ptrs = out_ptr + split * stride_split + rows[:, None] * stride_om + cols[None, :]
+    tile_offs = rows[:, None] * stride_om + cols[None, :]  # int64
+    out_ptrs = out_ptr + tile_offs
     out_mask = row_mask[:, None] & (col_in_slice < MAX_RANK)[None, :]
     if tile_col_start >= rank:  # rank padding or no adapter: zeros, no weight traffic
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty), mask=out_mask)
+        if split == 0:  # every split takes this branch; one writes the zeros
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty),
+                     mask=out_mask)
         return
 
     offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -71,17 +74,24 @@ def _shrink_kernel(
             acc += tl.dot(x_tile, w_tile)
         x_ptrs += BLOCK_K * SPLIT_K
         w_ptrs += BLOCK_K * SPLIT_K
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        total += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Split-K in one launch: store the fp32 partial, then count arrivals on this
+        # (chunk, N tile)'s counter. The last split to arrive sums all partials in split order
+        # (deterministic), writes the output and resets the counter to 0 for the next call.
+        tl.store(partial_ptr + split.to(tl.int64) * stride_split + tile_offs, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial store precedes the release below
+        counter = counter_ptr + chunk * NUM_N_TILES + n_tile
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            partial_ptrs = partial_ptr + tile_offs
+            for _ in tl.static_range(SPLIT_K):  # .cg: read from L2, where the other SMs wrote
+                total += tl.load(partial_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                partial_ptrs += stride_split
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter, 0)
 
 
 def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: int,
@@ -110,6 +120,34 @@ def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: in
     return config
 
 
+# Arrival counters of the split-K kernel, int32, all zero between calls (the last split of
+# each tile resets its counter). "cached": one buffer per device, grown only outside graph
+# capture; "zeros": a fresh torch.zeros per call (a memset; a graph captures it as a node).
+COUNTER_MODE = "cached"
+_MIN_COUNTERS = 1 << 14
+_counters: dict = {}
+_retired: list = []  # outgrown buffers stay alive: graphs captured earlier still point at them
+
+
+def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    if COUNTER_MODE == "zeros":
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    # One buffer per device shared by all streams: shrink calls must not run concurrently on two
+    # streams of one device (like a cuBLAS workspace); stream-ordered calls and replays are safe.
+    buffer = _counters.get(device)
+    if buffer is None or buffer.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"lora sgmv_shrink: the split-K arrival counters of {device} must grow to {needed} "
+                "entries during CUDA-graph capture; run the op once with this batch shape (or a "
+                "larger one) before capturing")
+        if buffer is not None:
+            _retired.append(buffer)
+        buffer = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _counters[device] = buffer
+    return buffer
+
+
 def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
                 num_slices: int, chunk_size: int, permuted: bool) -> torch.Tensor:
     """y (s, num_slices*R) = per-token x @ A[a].T over the chunk plan; every element written."""
@@ -123,13 +161,17 @@ def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, 
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     tiles_per_slice = triton.cdiv(max_rank, block_n)
     num_n_tiles = num_slices * tiles_per_slice
-    # Split-K: each split writes an fp32 partial, a second launch sums them (no atomics).
-    partial = out if split_k == 1 else torch.empty(
-        (split_k, num_tokens, n_total), dtype=torch.float32, device=x.device)
+    num_chunks = chunk_adapter.shape[0]  # static upper bound: counters for every grid chunk
+    if split_k == 1:
+        partial, counters = out, out  # not read
+    else:  # one launch: fp32 partials + per-(chunk, N tile) arrival counters
+        partial = torch.empty((split_k, num_tokens, n_total), dtype=torch.float32,
+                              device=x.device)
+        counters = _arrival_counters(x.device, num_chunks * num_n_tiles)
     # grid: (N tiles x K splits, chunks)
-    grid = (num_n_tiles * split_k, chunk_adapter.shape[0])
+    grid = (num_n_tiles * split_k, num_chunks)
     _shrink_kernel[grid](
-        x, weights, partial,
+        x, weights, out, partial, counters,
         token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
         in_features, x.stride(0), weights.stride(0), weights.stride(1), n_total,
         num_tokens * n_total,
@@ -139,10 +181,4 @@ def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, 
         IEEE_FP32=x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split_k > 1:
-        numel = out.numel()
-        block = 1024
-        # grid: (cdiv(s * n * R, 1024),)
-        _sum_splits_kernel[(triton.cdiv(numel, block),)](
-            partial, out, numel, SPLIT_K=split_k, BLOCK=block)
     return out

@@ -71,8 +71,8 @@ class BackendError(ValueError):
     """No backend can run the given tensors, or the name is unknown."""
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import: torch.compile cannot trace importlib.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def rejection_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -81,7 +81,7 @@ def rejection_reason(backend: str, device: torch.device, dtype: torch.dtype) -> 
     if dtype not in info.dtypes:
         return f"dtype {dtype} not supported (expects one of float16, bfloat16, float32)"
     if info.needs_triton:
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             return "triton is not installed"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU)"

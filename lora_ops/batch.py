@@ -31,9 +31,7 @@ def default_chunk_size(num_tokens: int) -> int:
         return 16
     if num_tokens <= 256:
         return 32
-    if num_tokens <= 1024:
-        return 64
-    return 128
+    return 64  # measured on an H200: 128-token chunks were no faster on prefill
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import SCENARIOS, make_batch
+from conftest import DEVICE, HAS_TRITON, SCENARIOS, make_batch
 
 
 def expected_runs(adapter_in_order, chunk_size):
@@ -36,7 +36,7 @@ def test_plans_match_a_direct_cut_of_the_runs(scenario, chunk_size):
     assert used_chunks(segment) == expected_runs(token_adapter, chunk_size)
 
     sorted_plan = batch.sorted_plan
-    order = sorted_plan.token_order.long()
+    order = sorted_plan.token_order.long().cpu()
     assert sorted(order.tolist()) == list(range(batch.num_tokens))
     assert token_adapter[order].tolist() == sorted(token_adapter.tolist())
     assert used_chunks(sorted_plan) == expected_runs(token_adapter[order], chunk_size)
@@ -62,7 +62,7 @@ def test_per_token_form_equals_per_sequence_form():
 
 
 def test_default_chunk_size_rule():
-    assert [lora_ops.default_chunk_size(s) for s in (1, 64, 65, 256, 257, 1024, 1025, 8192)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert [lora_ops.default_chunk_size(s) for s in (1, 64, 65, 256, 257, 1024, 1025, 8192)] == [16, 16, 32, 32, 64, 64, 64, 64]
 
 
 def test_auto_backend_rule():
@@ -78,12 +78,17 @@ def test_auto_backend_rule():
 
 
 def test_use_backend_sets_the_default_for_a_block():
-    batch = lora_ops.LoRABatch.build([2], [0], [4], [1.0])
-    assert lora_ops.resolve(None, torch.device("cpu"), torch.float32, batch) == "torch_native"
-    with lora_ops.use_backend("csgmv"):
-        assert lora_ops.resolve(None, torch.device("cpu"), torch.float32, batch) == "csgmv"
-        assert lora_ops.resolve("triton", torch.device("cpu"), torch.float32, batch) == "triton"
-    assert lora_ops.resolve(None, torch.device("cpu"), torch.float32, batch) == "torch_native"
+    batch = lora_ops.LoRABatch.build([2], [0], [4], [1.0], device=DEVICE)
+    device = torch.device(DEVICE)
+    auto = lora_ops.resolve("auto", device, torch.float32, batch)
+    assert lora_ops.resolve(None, device, torch.float32, batch) == auto
+    with lora_ops.use_backend("torch_native"):
+        assert lora_ops.resolve(None, device, torch.float32, batch) == "torch_native"
+        assert lora_ops.resolve("auto", device, torch.float32, batch) == auto
+    if HAS_TRITON:
+        with lora_ops.use_backend("csgmv"):
+            assert lora_ops.resolve(None, device, torch.float32, batch) == "csgmv"
+    assert lora_ops.resolve(None, device, torch.float32, batch) == auto
     with pytest.raises(lora_ops.BackendError, match="unknown backend 'fast'"):
         with lora_ops.use_backend("fast"):
             pass
