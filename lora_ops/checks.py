@@ -15,55 +15,55 @@ class LoRAArgumentError(ValueError):
     pass
 
 
-def _fail(op: str, message: str):
+def fail(op: str, message: str):
     raise LoRAArgumentError(f"{op}: {message}")
 
 
 def check_tensor(op: str, name: str, tensor, ndim: int, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(tensor, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        fail(op, f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != ndim:
-        _fail(op, f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+        fail(op, f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:
         expected = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        _fail(op, f"{name} must have dtype {expected}, got {tensor.dtype}")
+        fail(op, f"{name} must have dtype {expected}, got {tensor.dtype}")
     if tensor.numel() and tensor.stride(-1) != 1:
-        _fail(op, f"{name} must be contiguous in its last dimension, got strides {tensor.stride()}")
+        fail(op, f"{name} must be contiguous in its last dimension, got strides {tensor.stride()}")
 
 
 def check_like(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if tensor.dtype != ref.dtype:
-        _fail(op, f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {tensor.dtype}")
+        fail(op, f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {tensor.dtype}")
     if tensor.device != ref.device:
-        _fail(op, f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}")
+        fail(op, f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}")
 
 
 def check_dim(op: str, what: str, actual, expected) -> None:
     if actual != expected:
-        _fail(op, f"{what}: expected {expected}, got {actual}")
+        fail(op, f"{what}: expected {expected}, got {actual}")
 
 
 def check_batch(op: str, batch, name: str, tensor: torch.Tensor, weights: torch.Tensor) -> None:
     """The batch matches the token count and device of ``tensor`` and the slots of ``weights``."""
     if batch.device != tensor.device:
-        _fail(op, f"batch metadata is on {batch.device} but {name} is on {tensor.device}")
+        fail(op, f"batch metadata is on {batch.device} but {name} is on {tensor.device}")
     check_dim(op, f"{name}.shape[0] (tokens) must match the batch's token count", tensor.shape[0], batch.num_tokens)
     check_dim(op, "weights.shape[0] (adapter slots) must match the batch's slots", weights.shape[0], batch.num_slots)
 
 
 def check_rank(op: str, batch, max_rank: int, where: str) -> None:
     if batch.max_rank > max_rank:
-        _fail(op, f"adapter rank {batch.max_rank} exceeds the weights' max rank R={max_rank} ({where})")
+        fail(op, f"adapter rank {batch.max_rank} exceeds the weights' max rank R={max_rank} ({where})")
 
 
 def check_slice_offsets(op: str, slice_offsets, out_features: int) -> None:
     offsets = list(slice_offsets)
     if len(offsets) < 2 or offsets[0] != 0:
-        _fail(op, f"slice_offsets must start at 0 and have at least 2 entries, got {offsets}")
+        fail(op, f"slice_offsets must start at 0 and have at least 2 entries, got {offsets}")
     if any(hi <= lo for lo, hi in zip(offsets[:-1], offsets[1:])):
-        _fail(op, f"slice_offsets must be strictly increasing, got {offsets}")
+        fail(op, f"slice_offsets must be strictly increasing, got {offsets}")
     if offsets[-1] != out_features:
-        _fail(op, f"slice_offsets must end at base_output.shape[1] = {out_features}, got {offsets}")
+        fail(op, f"slice_offsets must end at base_output.shape[1] = {out_features}, got {offsets}")
 
 
 def check_token_ids_in_range(op: str, token_ids: torch.Tensor, vocab_size: int) -> None:
@@ -74,4 +74,4 @@ def check_token_ids_in_range(op: str, token_ids: torch.Tensor, vocab_size: int) 
         return
     if bool(((token_ids < 0) | (token_ids >= vocab_size)).any()):
         bad = token_ids[(token_ids < 0) | (token_ids >= vocab_size)]
-        _fail(op, f"token_ids must lie in [0, {vocab_size}) (weights.shape[2]), got {bad.unique()[:8].tolist()}")
+        fail(op, f"token_ids must lie in [0, {vocab_size}) (weights.shape[2]), got {bad.unique()[:8].tolist()}")

@@ -182,7 +182,7 @@ def sgmv_shrink(
     checks.check_batch(op, batch, "x", x, weights)
     checks.check_dim(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
     if not isinstance(num_slices, int) or num_slices < 1 or weights.shape[1] % num_slices:
-        checks._fail(op, f"num_slices must be a positive int dividing weights.shape[1] = {weights.shape[1]}, got {num_slices}")
+        checks.fail(op, f"num_slices must be a positive int dividing weights.shape[1] = {weights.shape[1]}, got {num_slices}")
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
     name = resolve(backend, x.device, x.dtype, batch)
     return torch.ops.lora.sgmv_shrink(x, weights, *_plan_args(batch, name), num_slices,
@@ -247,7 +247,7 @@ def qkv_expand(
     op = "qkv_expand"
     checks.check_tensor(op, "base_output", base_output, 2)
     if q_size <= 0 or kv_size <= 0 or q_size + 2 * kv_size != base_output.shape[1]:
-        checks._fail(op, f"q_size + 2*kv_size must equal base_output.shape[1] = {base_output.shape[1]} "
+        checks.fail(op, f"q_size + 2*kv_size must equal base_output.shape[1] = {base_output.shape[1]} "
                          f"with both positive, got q_size={q_size}, kv_size={kv_size}")
     _check_expand(op, y, weights, batch, base_output, 3)
     name = resolve(backend, base_output.device, base_output.dtype, batch)
@@ -270,7 +270,7 @@ def gate_up_expand(
     op = "gate_up_expand"
     checks.check_tensor(op, "base_output", base_output, 2)
     if base_output.shape[1] % 2:
-        checks._fail(op, f"base_output.shape[1] must be even (gate and up halves), got {base_output.shape[1]}")
+        checks.fail(op, f"base_output.shape[1] must be even (gate and up halves), got {base_output.shape[1]}")
     _check_expand(op, y, weights, batch, base_output, 2)
     name = resolve(backend, base_output.device, base_output.dtype, batch)
     torch.ops.lora.gate_up_expand(base_output, y, weights, *_plan_args(batch, name),
@@ -298,7 +298,7 @@ def embedding_a(
     checks.check_tensor(op, "token_ids", token_ids, 1, dtypes=(torch.int32, torch.int64))
     checks.check_tensor(op, "weights", weights, 3)
     if weights.device != token_ids.device:
-        checks._fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
+        checks.fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
     checks.check_batch(op, batch, "token_ids", token_ids, weights)
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
