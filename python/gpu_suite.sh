@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU half of the checks, in one call on the device machine (repo root, torch with CUDA):
+# the whole pytest suite on the GPU, the GPU tests again under compute-sanitizer memcheck, then
+# the benchmark. Logs and bench results go to $OUT (or bench_results/ when OUT is unset).
+# Usage: bash python/gpu_suite.sh [tests|sanitizer|bench]...   (default: all three)
+set -uo pipefail
+out=${OUT:-bench_results}
+mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+status=0
+for step in "${@:-tests sanitizer bench}"; do
+  for part in $step; do
+    case $part in
+      tests) python3 -m pytest -q -p no:logging tests 2>&1 | tee "$out/gpu_tests.txt" | tail -15 || status=1 ;;
+      sanitizer) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:logging \
+          tests/test_parity.py tests/test_cuda_graphs.py -k "real_sizes or replay" 2>&1 \
+          | tee "$out/sanitizer.txt" | tail -6 || status=1 ;;
+      bench) python3 python/bench.py 2>&1 | tee "$out/bench_log.txt" | tail -60 || status=1 ;;
+    esac
+  done
+done
+exit $status
