@@ -13,6 +13,8 @@ setup(
     install_requires=["torch>=2.11"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["triton>=3.6", "pytest", "expecttest", "hypothesis"],
+        # numpy: Triton's CPU interpreter needs it
+        "test": ["triton>=3.6", "numpy", "pytest", "expecttest", "hypothesis"],
+        "bench": ["triton>=3.6", "numpy", "matplotlib"],
     },
 )
