@@ -14,7 +14,8 @@ def _shrink_kernel(
     x_ptr, weight_ptr, out_ptr, partial_ptr, counter_ptr,
     token_order_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr, adapter_rank_ptr,
     in_features, stride_xm, stride_wl, stride_wn, stride_om, stride_split,
-    MAX_RANK: tl.constexpr, TILES_PER_SLICE: tl.constexpr, NUM_N_TILES: tl.constexpr,
+    N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr, TILES_PER_SLICE: tl.constexpr,
+    NUM_N_TILES: tl.constexpr, FUSED_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, PERMUTED: tl.constexpr, IEEE_FP32: tl.constexpr,
 ):
@@ -26,10 +27,6 @@ def _shrink_kernel(
         return
     n_tile = tile % NUM_N_TILES
     split = tile // NUM_N_TILES
-    slice_index = n_tile // TILES_PER_SLICE
-    tile_col_start = (n_tile % TILES_PER_SLICE) * BLOCK_N  # column within the slice
-    col_in_slice = tile_col_start + tl.arange(0, BLOCK_N)
-    cols = slice_index * MAX_RANK + col_in_slice
 
     offs_m = tl.arange(0, BLOCK_M)
     row_mask = offs_m < chunk_len
@@ -44,38 +41,47 @@ def _shrink_kernel(
     rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
     rank = tl.minimum(rank, MAX_RANK)  # a rank above R must not spill into the next slice
 
+    # Column j of y is weight row j; its index within its slice is j % MAX_RANK.
+    if FUSED_SLICES:  # low rank: one tile spans every slice, so x is read once per chunk
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < N_TOTAL
+        live = col_valid & (cols % MAX_RANK < rank)
+    else:  # tiles never cross a slice, so a tile past the rank is skipped whole
+        col_in_slice = (n_tile % TILES_PER_SLICE) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (n_tile // TILES_PER_SLICE) * MAX_RANK + col_in_slice
+        col_valid = col_in_slice < MAX_RANK
+        live = col_in_slice < rank
     tile_offs = rows[:, None] * stride_om + cols[None, :]  # int64
-    out_ptrs = out_ptr + tile_offs
-    out_mask = row_mask[:, None] & (col_in_slice < MAX_RANK)[None, :]
-    if tile_col_start >= rank:  # rank padding or no adapter: zeros, no weight traffic
+    out_mask = row_mask[:, None] & col_valid[None, :]
+    if tl.max(live.to(tl.int32), axis=0) == 0:  # rank padding or no adapter: zeros, no weights
         if split == 0:  # every split takes this branch; one writes the zeros
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty),
+            tl.store(out_ptr + tile_offs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty),
                      mask=out_mask)
         return
 
     offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    # Weight tile loaded as (K, N): rows beyond the rank are masked, never read.
+    # Weight tile loaded as (K, N): rows past the rank are masked, never read.
     w_ptrs = (weight_ptr + adapter.to(tl.int64) * stride_wl
               + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None])
-    w_col_mask = (col_in_slice < rank)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(split * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
         if EVEN_K:
             x_tile = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=w_col_mask, other=0.0)
+            w_tile = tl.load(w_ptrs, mask=live[None, :], other=0.0)
         else:
             k_mask = offs_k + (k - split * BLOCK_K) < in_features
             x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=w_col_mask & k_mask[:, None], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=live[None, :] & k_mask[:, None], other=0.0)
         if IEEE_FP32:
             acc += tl.dot(x_tile, w_tile, input_precision="ieee")
         else:
             acc += tl.dot(x_tile, w_tile)
         x_ptrs += BLOCK_K * SPLIT_K
         w_ptrs += BLOCK_K * SPLIT_K
+    acc = tl.where(live[None, :], acc, 0.0)  # exact zeros past the rank, even for non-finite x
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + tile_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Split-K in one launch: store the fp32 partial, then count arrivals on this
         # (chunk, N tile)'s counter. The last split to arrive sums all partials in split order
@@ -90,7 +96,7 @@ def _shrink_kernel(
             for _ in tl.static_range(SPLIT_K):  # .cg: read from L2, where the other SMs wrote
                 total += tl.load(partial_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
                 partial_ptrs += stride_split
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptr + tile_offs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(counter, 0)
 
 
@@ -98,31 +104,58 @@ def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: in
                    dtype: torch.dtype, num_tokens: int = 0) -> dict:
     """Tile sizes by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
 
-    BLOCK_N never crosses a slice (it is at most the slice width R, rounded to a power of two),
-    so a tile past an adapter's rank is skipped whole. Measured on an H200, bf16, in = 4096
-    (decode: scratch/shrink2_bench.py). num_tokens is a tensor size, so the choice is graph-safe.
+    Decode (chunk_size <= 32, _shrink_kernel): BLOCK_N never crosses a slice (it is at most the
+    slice width R, rounded to a power of two), so a tile past an adapter's rank is skipped whole.
+    Prefill (chunk_size >= 64): see _prefill_config.
+    Measured on an H200, bf16, in = 4096 (decode: scratch/shrink2_bench.py, prefill:
+    scratch/shrink3_bench.py). num_tokens is a tensor size, so the choice is graph-safe.
     """
-    slice_width = max(16, triton.next_power_of_2(max_rank))
-    block_n = min(64, slice_width)
-    if chunk_size >= 64:  # prefill: x streamed once (N tiles of a chunk side by side in L2)
-        if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
-            config = dict(BLOCK_K=64, SPLIT_K=1, num_warps=8 if chunk_size >= 128 else 4,
-                          num_stages=4)
-        else:  # low rank: pure x stream
-            config = dict(BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=3)
+    if chunk_size >= 64:
+        config = _prefill_config(chunk_size, n_total, max_rank, num_tokens)
     else:  # decode: a program's K loop is latency-bound, so split K to put more SMs to work
-        block_n = min(block_n, 16 if chunk_size <= 16 else 64)
+        slice_width = max(16, triton.next_power_of_2(max_rank))
+        block_n = min(slice_width, 16 if chunk_size <= 16 else 64)
         if num_tokens <= 4:  # at most 4 live chunks: one 256-wide K tile per program
             config = dict(BLOCK_K=256, SPLIT_K=16, num_warps=4, num_stages=1)
         elif chunk_size <= 16:
             config = dict(BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=3)
         else:
             config = dict(BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
-    config["BLOCK_N"] = block_n
+        config["BLOCK_N"] = block_n
     if dtype == torch.float32:  # twice the shared memory per element
         config["BLOCK_K"] = min(config["BLOCK_K"], 32)
     config["SPLIT_K"] = max(1, min(config["SPLIT_K"], in_features // config["BLOCK_K"]))
     return config
+
+
+def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: int) -> dict:
+    """Prefill tiles (H200, bf16, in = 4096, 20 calls in a CUDA graph: scratch/shrink3_bench.py).
+
+    All slices' columns fit one tile (n_total <= 64, e.g. rank 16 on 3 slices):
+    _shrink_kernel with FUSED_SLICES, x read once per chunk instead of once per slice tile
+    (8192 tokens: 25.3 -> 22.4 us qkv, 23.5 -> 21.4 us gate-up). With fewer than 128 chunks
+    the K loop is split so the SMs fill (2048 tokens: 11.5 -> 8.8 us qkv; 4096 tokens:
+    16.4 -> 11.5 us qkv). Wider (n_total > 64, e.g. rank 64): _shrink_kernel, one program per
+    slice tile; fusing the slices of rank 64 into one program (128 or 256 columns, or 2-3 dots
+    per K step) measured 10-50% slower there.
+    """
+    tiles = triton.cdiv(num_tokens, chunk_size)  # live chunks, about (a tensor size)
+    if n_total <= 64:
+        config = dict(FUSED=True, BLOCK_N=max(16, triton.next_power_of_2(n_total)),
+                      BLOCK_K=128, SPLIT_K=1, num_warps=8,
+                      num_stages=5 if chunk_size <= 64 else 3)  # 5 x 32 KB of shared memory
+        if tiles < 128:  # fp32 partials are small next to x
+            config.update(SPLIT_K=4 if tiles < 64 else 2, num_warps=4,
+                          num_stages=4 if chunk_size <= 64 else 3)
+        return config
+    block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
+    if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
+        # 2 slice tiles (gate-up): a 5th stage is faster (28.8 -> 26.3 us); with 3 (qkv) it
+        # costs residency (3 programs of 4 stages per SM) and is slower (35.0 -> 47.9 us).
+        return dict(BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=1,
+                    num_warps=8 if chunk_size >= 128 else 4,
+                    num_stages=5 if n_total <= 128 else 4)
+    return dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=3)
 
 
 # Arrival counters of the split-K kernel, int32, all zero between calls (the last split of
@@ -157,13 +190,14 @@ def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, 
     n_total = weights.shape[1]
     max_rank = n_total // num_slices
     out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
-    if num_tokens == 0:
+    if num_tokens == 0 or n_total == 0:  # nothing to write
         return out
     cfg = _shrink_config(chunk_size, n_total, in_features, max_rank, x.dtype, num_tokens)
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    tiles_per_slice = triton.cdiv(max_rank, block_n)
-    num_n_tiles = num_slices * tiles_per_slice
     num_chunks = chunk_adapter.shape[0]  # static upper bound: counters for every grid chunk
+    fused_slices = cfg.get("FUSED", False)
+    tiles_per_slice = triton.cdiv(max_rank, block_n)
+    num_n_tiles = triton.cdiv(n_total, block_n) if fused_slices else num_slices * tiles_per_slice
     if split_k == 1:
         partial, counters = out, out  # not read
     else:  # one launch: fp32 partials + per-(chunk, N tile) arrival counters
@@ -177,7 +211,8 @@ def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, 
         token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
         in_features, x.stride(0), weights.stride(0), weights.stride(1), n_total,
         num_tokens * n_total,
-        MAX_RANK=max_rank, TILES_PER_SLICE=tiles_per_slice, NUM_N_TILES=num_n_tiles,
+        N_TOTAL=n_total, MAX_RANK=max_rank, TILES_PER_SLICE=tiles_per_slice,
+        NUM_N_TILES=num_n_tiles, FUSED_SLICES=fused_slices,
         BLOCK_M=chunk_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=in_features % (block_k * split_k) == 0, PERMUTED=permuted,
         IEEE_FP32=x.dtype == torch.float32,
