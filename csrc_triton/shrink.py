@@ -147,6 +147,8 @@ def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: in
         if tiles < 128:  # fp32 partials are small next to x
             config.update(SPLIT_K=4 if tiles < 64 else 2, num_warps=4,
                           num_stages=4 if chunk_size <= 64 else 3)
+        elif n_total > 32 and chunk_size <= 64:  # 64-column tile (qkv r16): 22.6 -> 21.7 us
+            config.update(BLOCK_K=64, num_stages=8)
         return config
     block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
     if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
