@@ -19,7 +19,7 @@ def _embedding_a_kernel(
     # Ids outside the vocabulary read nothing (the Python layer reports them).
     valid = (adapter >= 0) & (ids >= 0) & (ids < vocab_size)
     offs_r = tl.arange(0, BLOCK_R)
-    load_mask = valid[:, None] & (offs_r[None, :] < rank[:, None])
+    load_mask = valid[:, None] & (offs_r[None, :] < tl.minimum(rank, MAX_RANK)[:, None])
     w_ptrs = (weight_ptr + adapter.to(tl.int64)[:, None] * stride_wl
               + offs_r[None, :].to(tl.int64) * stride_wr + ids[:, None] * stride_wv)
     values = tl.load(w_ptrs, mask=load_mask, other=0.0)

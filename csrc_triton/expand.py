@@ -55,6 +55,7 @@ def _sgmv_expand_kernel(
     length = tl.load(chunk_len_ptr + chunk)
     start = tl.load(chunk_start_ptr + chunk)
     rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
+    rank = tl.minimum(rank, MAX_RANK)  # a rank above R must not read the next slice of y
     length = tl.where(rank > 0, length, 0)
     row_mask = offs_m < length
     positions = start + offs_m

@@ -93,42 +93,55 @@ def _kernels(backend: str):
     return csrc_triton
 
 
-def _shrink_impl(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                 adapter_rank, num_slices, chunk_size, backend):
+def _shrink_impl(x, weights, *args):
+    *metadata, num_slices, chunk_size, backend = args
+    checks.check_shrink("sgmv_shrink", x, weights, metadata, num_slices)
     if backend == "torch_native":
+        token_adapter, adapter_rank = metadata[0], metadata[-1]
         return torch_native.sgmv_shrink(x, weights, token_adapter, adapter_rank, num_slices)
     return _kernels(backend).shrink.sgmv_shrink(
-        x, weights, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-        num_slices, chunk_size, permuted=backend == "csgmv",
-    )
+        x, weights, *metadata[1:], num_slices, chunk_size, permuted=backend == "csgmv")
 
 
-def _expand_impl(base_output, y, weights, token_adapter, token_order, chunk_adapter, chunk_start,
-                 chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend):
+def _run_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_offsets, chunk_size,
+                backend):
     slice_offsets = [int(offset) for offset in slice_offsets]
+    checks.check_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_offsets)
     if backend == "torch_native":
+        token_adapter, adapter_rank = metadata[0], metadata[-1]
         torch_native.sgmv_expand(base_output, y, weights, token_adapter, adapter_rank,
                                  adapter_scaling, slice_offsets)
         return
     _kernels(backend).expand.sgmv_expand(
-        y, weights, base_output, token_order, chunk_adapter, chunk_start, chunk_len,
-        adapter_rank, adapter_scaling, slice_offsets, chunk_size, permuted=backend == "csgmv",
-    )
+        y, weights, base_output, *metadata[1:], adapter_scaling, slice_offsets, chunk_size,
+        permuted=backend == "csgmv")
+
+
+# Expand impls: args = the 6 metadata tensors, adapter_scaling, the slice sizes, chunk_size, backend.
+def _expand_impl(base_output, y, weights, *args):
+    *metadata, adapter_scaling, slice_offsets, chunk_size, backend = args
+    _run_expand("sgmv_expand", base_output, y, weights, metadata, adapter_scaling, slice_offsets,
+                chunk_size, backend)
 
 
 def _qkv_expand_impl(base_output, y, weights, *args):
-    *metadata, q_size, kv_size, chunk_size, backend = args  # metadata: plan + adapter_scaling
+    *metadata, adapter_scaling, q_size, kv_size, chunk_size, backend = args
+    checks.check_qkv_sizes("qkv_expand", base_output, q_size, kv_size)
     offsets = [0, q_size, q_size + kv_size, q_size + 2 * kv_size]
-    _expand_impl(base_output, y, weights, *metadata, offsets, chunk_size, backend)
+    _run_expand("qkv_expand", base_output, y, weights, metadata, adapter_scaling, offsets,
+                chunk_size, backend)
 
 
 def _gate_up_expand_impl(base_output, y, weights, *args):
-    *metadata, chunk_size, backend = args
+    *metadata, adapter_scaling, chunk_size, backend = args
+    checks.check_gate_up_width("gate_up_expand", base_output)
     half = base_output.shape[1] // 2
-    _expand_impl(base_output, y, weights, *metadata, [0, half, 2 * half], chunk_size, backend)
+    _run_expand("gate_up_expand", base_output, y, weights, metadata, adapter_scaling,
+                [0, half, 2 * half], chunk_size, backend)
 
 
 def _embedding_a_impl(token_ids, weights, token_adapter, adapter_rank, backend):
+    checks.check_embedding("embedding_a", token_ids, weights, token_adapter, adapter_rank)
     if backend == "torch_native":
         return torch_native.embedding_a(token_ids, weights, token_adapter, adapter_rank)
     return _kernels(backend).embedding.embedding_a(token_ids, weights, token_adapter, adapter_rank)
@@ -155,6 +168,13 @@ def _plan_args(batch: LoRABatch, backend: str) -> tuple:
             plan.chunk_len, batch.adapter_rank)
 
 
+def _resolve_for(op: str, name: str, tensor, batch: LoRABatch, backend: str | None, **kwargs) -> str:
+    """Check the tensor that decides device and dtype, then resolve the backend for it."""
+    checks.check_tensor(op, name, tensor, **kwargs)
+    checks.check_batch_device(op, batch, name, tensor)
+    return resolve(backend, tensor.device, tensor.dtype, batch)
+
+
 def sgmv_shrink(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -176,30 +196,23 @@ def sgmv_shrink(
         ``y (s, num_slices*R)``, zero beyond each adapter's rank and for tokens without adapter.
     """
     op = "sgmv_shrink"
-    checks.check_tensor(op, "x", x, 2)
-    checks.check_tensor(op, "weights", weights, 3)
-    checks.check_like(op, "weights", weights, "x", x)
-    checks.check_batch(op, batch, "x", x, weights)
-    checks.check_dim(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
-    if not isinstance(num_slices, int) or num_slices < 1 or weights.shape[1] % num_slices:
-        checks.fail(op, f"num_slices must be a positive int dividing weights.shape[1] = {weights.shape[1]}, got {num_slices}")
+    name = _resolve_for(op, "x", x, batch, backend, ndim=2)
+    metadata = _plan_args(batch, name)
+    checks.check_shrink(op, x, weights, metadata, num_slices)
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
-    name = resolve(backend, x.device, x.dtype, batch)
-    return torch.ops.lora.sgmv_shrink(x, weights, *_plan_args(batch, name), num_slices,
+    return torch.ops.lora.sgmv_shrink(x, weights, *metadata, num_slices,
                                       batch.plan(name).chunk_size, name)
 
 
-def _check_expand(op: str, y, weights, batch: LoRABatch, base_output, num_slices: int) -> None:
-    checks.check_tensor(op, "base_output", base_output, 2)
-    checks.check_tensor(op, "y", y, 2)
-    checks.check_tensor(op, "weights", weights, 3)
-    checks.check_like(op, "y", y, "base_output", base_output)
-    checks.check_like(op, "weights", weights, "base_output", base_output)
-    checks.check_batch(op, batch, "base_output", base_output, weights)
-    checks.check_dim(op, "y.shape[0] (tokens) must match base_output.shape[0]", y.shape[0], base_output.shape[0])
-    checks.check_dim(op, "weights.shape[1] (out features) must match base_output.shape[1]", weights.shape[1], base_output.shape[1])
-    checks.check_dim(op, f"y.shape[1] must be {num_slices} slices x weights.shape[2] (R)", y.shape[1], num_slices * weights.shape[2])
+def _expand(op: str, y, weights, batch: LoRABatch, base_output, slice_offsets, backend,
+            slice_args: tuple) -> None:
+    """Shared by the expand wrappers: checks, then the op named ``op`` with its slice args."""
+    name = _resolve_for(op, "base_output", base_output, batch, backend, ndim=2)
+    metadata = _plan_args(batch, name)
+    checks.check_expand(op, base_output, y, weights, metadata, batch.adapter_scaling, slice_offsets)
     checks.check_rank(op, batch, weights.shape[2], "weights.shape[2]")
+    getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling,
+                                *slice_args, batch.plan(name).chunk_size, name)
 
 
 def sgmv_expand(
@@ -221,14 +234,8 @@ def sgmv_expand(
             ``[o_i, o_{i+1})`` of ``base_output`` and rows of ``weights``.
         backend: as in ``sgmv_shrink``.
     """
-    op = "sgmv_expand"
-    checks.check_tensor(op, "base_output", base_output, 2)
-    checks.check_slice_offsets(op, slice_offsets, base_output.shape[1])
-    _check_expand(op, y, weights, batch, base_output, len(slice_offsets) - 1)
-    name = resolve(backend, base_output.device, base_output.dtype, batch)
-    torch.ops.lora.sgmv_expand(base_output, y, weights, *_plan_args(batch, name),
-                               batch.adapter_scaling, list(slice_offsets),
-                               batch.plan(name).chunk_size, name)
+    _expand("sgmv_expand", y, weights, batch, base_output, slice_offsets, backend,
+            (list(slice_offsets),))
 
 
 def qkv_expand(
@@ -244,16 +251,10 @@ def qkv_expand(
 
     Shapes: ``y (s, 3R)``, ``weights (L, q_size + 2*kv_size, R)``, ``base_output (s, q_size + 2*kv_size)``.
     """
-    op = "qkv_expand"
-    checks.check_tensor(op, "base_output", base_output, 2)
-    if q_size <= 0 or kv_size <= 0 or q_size + 2 * kv_size != base_output.shape[1]:
-        checks.fail(op, f"q_size + 2*kv_size must equal base_output.shape[1] = {base_output.shape[1]} "
-                         f"with both positive, got q_size={q_size}, kv_size={kv_size}")
-    _check_expand(op, y, weights, batch, base_output, 3)
-    name = resolve(backend, base_output.device, base_output.dtype, batch)
-    torch.ops.lora.qkv_expand(base_output, y, weights, *_plan_args(batch, name),
-                              batch.adapter_scaling, q_size, kv_size,
-                              batch.plan(name).chunk_size, name)
+    checks.check_tensor("qkv_expand", "base_output", base_output, 2)
+    checks.check_qkv_sizes("qkv_expand", base_output, q_size, kv_size)
+    offsets = [0, q_size, q_size + kv_size, q_size + 2 * kv_size]
+    _expand("qkv_expand", y, weights, batch, base_output, offsets, backend, (q_size, kv_size))
 
 
 def gate_up_expand(
@@ -267,14 +268,10 @@ def gate_up_expand(
 
     Shapes: ``y (s, 2R)``, ``weights (L, 2*inter, R)``, ``base_output (s, 2*inter)``.
     """
-    op = "gate_up_expand"
-    checks.check_tensor(op, "base_output", base_output, 2)
-    if base_output.shape[1] % 2:
-        checks.fail(op, f"base_output.shape[1] must be even (gate and up halves), got {base_output.shape[1]}")
-    _check_expand(op, y, weights, batch, base_output, 2)
-    name = resolve(backend, base_output.device, base_output.dtype, batch)
-    torch.ops.lora.gate_up_expand(base_output, y, weights, *_plan_args(batch, name),
-                                  batch.adapter_scaling, batch.plan(name).chunk_size, name)
+    checks.check_tensor("gate_up_expand", "base_output", base_output, 2)
+    checks.check_gate_up_width("gate_up_expand", base_output)
+    half = base_output.shape[1] // 2
+    _expand("gate_up_expand", y, weights, batch, base_output, [0, half, 2 * half], backend, ())
 
 
 def embedding_a(
@@ -296,11 +293,8 @@ def embedding_a(
     """
     op = "embedding_a"
     checks.check_tensor(op, "token_ids", token_ids, 1, dtypes=(torch.int32, torch.int64))
-    checks.check_tensor(op, "weights", weights, 3)
-    if weights.device != token_ids.device:
-        checks.fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
-    checks.check_batch(op, batch, "token_ids", token_ids, weights)
+    name = _resolve_for(op, "weights", weights, batch, backend, ndim=3)
+    checks.check_embedding(op, token_ids, weights, batch.token_adapter, batch.adapter_rank)
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
-    name = resolve(backend, weights.device, weights.dtype, batch)
     return torch.ops.lora.embedding_a(token_ids, weights, batch.token_adapter, batch.adapter_rank, name)

@@ -138,3 +138,27 @@ def test_raw_op_rejects_unknown_backend(batch):
         torch.ops.lora.sgmv_shrink(torch.randn(5, 16, device=D), torch.randn(2, 16, 16, device=D), batch.token_adapter,
                                    plan.token_order, plan.chunk_adapter, plan.chunk_start, plan.chunk_len,
                                    batch.adapter_rank, 2, plan.chunk_size, "auto")
+
+
+def test_raw_ops_check_shapes_and_metadata(batch):
+    """Calling torch.ops.lora.* directly gets the same checks as the Python functions."""
+    plan = batch.plan("torch_native")
+    metadata = [batch.token_adapter, plan.token_order, plan.chunk_adapter, plan.chunk_start,
+                plan.chunk_len, batch.adapter_rank]
+    x, A = torch.randn(5, 16, device=D), torch.randn(2, 8, 16, device=D)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: weights.shape\[2\] \(in features\) must match x.shape\[1\]: expected 12, got 16"):
+        torch.ops.lora.sgmv_shrink(torch.randn(5, 12, device=D), A, *metadata, 2, plan.chunk_size, "triton")
+    bad = list(metadata)
+    bad[3] = plan.chunk_start.long()
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: chunk_start must have dtype int32, got torch.int64"):
+        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, plan.chunk_size, "csgmv")
+    bad[3] = plan.chunk_start[:-1]
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: chunk_start.shape\[0\] must match chunk_adapter.shape\[0\]"):
+        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, plan.chunk_size, "csgmv")
+    y, B, base = torch.randn(5, 16, device=D), torch.randn(2, 20, 8, device=D), torch.randn(5, 20, device=D)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^qkv_expand: q_size \+ 2\*kv_size must equal base_output.shape\[1\] = 20"):
+        torch.ops.lora.qkv_expand(base, y, B, *metadata, batch.adapter_scaling, 10, 4, plan.chunk_size, "triton")
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_expand: adapter_scaling must have dtype float32, got torch.float64"):
+        torch.ops.lora.sgmv_expand(base, y, B, *metadata, batch.adapter_scaling.double(), [0, 12, 20], plan.chunk_size, "triton")
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: token_ids.shape\[0\] \(tokens\) must match the batch's token count: expected 5, got 4"):
+        torch.ops.lora.embedding_a(torch.arange(4, device=D), torch.randn(2, 8, 50, device=D), batch.token_adapter, batch.adapter_rank, "triton")
