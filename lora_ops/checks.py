@@ -120,6 +120,8 @@ def check_slice_offsets(op: str, slice_offsets, out_features: int) -> None:
     offsets = list(slice_offsets)
     if len(offsets) < 2 or offsets[0] != 0:
         fail(op, f"slice_offsets must start at 0 and have at least 2 entries, got {offsets}")
+    if len(offsets) > 4:
+        fail(op, f"slice_offsets may describe at most 3 slices (q/k/v), got {len(offsets) - 1}")
     if any(hi <= lo for lo, hi in zip(offsets[:-1], offsets[1:])):
         fail(op, f"slice_offsets must be strictly increasing, got {offsets}")
     if offsets[-1] != out_features:

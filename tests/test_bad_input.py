@@ -54,6 +54,7 @@ EXPAND_CASES = [
     ({"slice_offsets": [0, 12, 21]}, r"slice_offsets must end at base_output.shape\[1\] = 20, got \[0, 12, 21\]"),
     ({"slice_offsets": [0, 12, 12, 20]}, r"slice_offsets must be strictly increasing"),
     ({"slice_offsets": [2, 20]}, r"slice_offsets must start at 0"),
+    ({"slice_offsets": [0, 4, 8, 12, 20]}, r"slice_offsets may describe at most 3 slices \(q/k/v\), got 4"),
     ({"y": torch.randn(5, 24, device=D)}, r"y.shape\[1\] must be 2 slices x weights.shape\[2\] \(R\): expected 16, got 24"),
     ({"y": torch.randn(4, 16, device=D)}, r"y.shape\[0\] \(tokens\) must match base_output.shape\[0\]: expected 5, got 4"),
     ({"weights": torch.randn(2, 20, 4, device=D), "y": torch.randn(5, 8, device=D)}, r"adapter rank 8 exceeds the weights' max rank R=4"),
