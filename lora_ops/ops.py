@@ -230,7 +230,7 @@ def sgmv_expand(
         weights: ``(L, out, R)`` stacked B matrices.
         batch: the forward's ``LoRABatch``.
         base_output: ``(s, out)`` output of the base layer, updated in place.
-        slice_offsets: ``[0, o_1, ..., out]``, strictly increasing: slice ``i`` is columns
+        slice_offsets: ``[0, o_1, ..., out]``, strictly increasing, 1 to 3 slices: slice ``i`` is columns
             ``[o_i, o_{i+1})`` of ``base_output`` and rows of ``weights``.
         backend: as in ``sgmv_shrink``.
     """
