@@ -48,16 +48,21 @@ def check_batch_device(op: str, batch, name: str, tensor: torch.Tensor) -> None:
         fail(op, f"batch metadata is on {batch.device} but {name} is on {tensor.device}")
 
 
+def _check_index_tensors(op: str, name: str, tensor: torch.Tensor, named_metadata) -> None:
+    """Each (name, metadata tensor) is 1-D int32 on ``tensor``'s device."""
+    for meta_name, meta in named_metadata:
+        check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
+        if meta.device != tensor.device:
+            fail(op, f"batch metadata is on {meta.device} but {name} is on {tensor.device}")
+
+
 _METADATA = ("token_adapter", "token_order", "chunk_adapter", "chunk_start", "chunk_len", "adapter_rank")
 
 
 def check_metadata(op: str, name: str, tensor: torch.Tensor, weights: torch.Tensor, metadata) -> None:
     """The batch metadata tensors (``LoRABatch`` order) fit ``tensor``'s tokens and device and
     ``weights``' adapter slots. Their values were validated when the batch was built."""
-    for meta_name, meta in zip(_METADATA, metadata):
-        check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
-        if meta.device != tensor.device:
-            fail(op, f"batch metadata is on {meta.device} but {name} is on {tensor.device}")
+    _check_index_tensors(op, name, tensor, zip(_METADATA, metadata))
     token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank = metadata
     check_dim(op, f"{name}.shape[0] (tokens) must match the batch's token count", tensor.shape[0], token_adapter.shape[0])
     check_dim(op, "token_order.shape[0] must match the batch's token count", token_order.shape[0], token_adapter.shape[0])
@@ -103,10 +108,8 @@ def check_embedding(op: str, token_ids, weights, token_adapter, adapter_rank) ->
     check_tensor(op, "weights", weights, 3)
     if weights.device != token_ids.device:
         fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
-    for meta_name, meta in (("token_adapter", token_adapter), ("adapter_rank", adapter_rank)):
-        check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
-        if meta.device != token_ids.device:
-            fail(op, f"batch metadata is on {meta.device} but token_ids is on {token_ids.device}")
+    _check_index_tensors(op, "token_ids", token_ids,
+                         (("token_adapter", token_adapter), ("adapter_rank", adapter_rank)))
     check_dim(op, "token_ids.shape[0] (tokens) must match the batch's token count", token_ids.shape[0], token_adapter.shape[0])
     check_dim(op, "weights.shape[0] (adapter slots) must match the batch's slots", weights.shape[0], adapter_rank.shape[0])
 
