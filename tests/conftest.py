@@ -134,10 +134,6 @@ def assert_close_to_reference(out, ref64, ref_lowp, what: str, seed: int):
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (torch low-precision error {err_lowp:.3e}), seed {seed}"
 
 
-def poison(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.fill_(float("nan"))
-
-
 # ---- the op table: one row per public op ----
 
 
