@@ -1,4 +1,7 @@
-"""LoRA A (shrink) over a chunk plan: y[t, i*R + j] = x[t] . A[a(t), i*R + j, :] for j < rank.
+"""LoRA A (shrink): y[t, i*R + j] = x[t] . A[a(t), i*R + j, :] for j < rank.
+
+Two kernels: one over the chunk plan (split K for decode-sized chunks), and a per-token GEMV
+for small decode batches; ``_use_per_token`` picks by sizes.
 
 Scaling is not applied here (expand applies it). Every element of y is written: zeros for rank
 padding and for tokens without adapter, so the output can come from ``torch.empty``.
@@ -100,6 +103,38 @@ def _shrink_kernel(
             tl.atomic_xchg(counter, 0)
 
 
+@triton.jit
+def _shrink_per_token_kernel(
+    x_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,
+    stride_xm, stride_wl, stride_wn, stride_om,
+    IN_FEATURES: tl.constexpr, N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program per (BLOCK_N columns, token), a GEMV without the chunk plan: with a handful of
+    # tokens, re-reading the adapter's rows per token costs less than the plan's dependent loads
+    # and a split-K reduction. Every load depends only on the token's adapter.
+    col_tile = tl.program_id(0)
+    token = tl.program_id(1).to(tl.int64)
+    adapter = tl.load(token_adapter_ptr + token)
+    rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N_TOTAL
+    # Rows past the rank are read too (they exist) and zeroed below: loading does not wait on rank.
+    w_rows = weight_ptr + adapter.to(tl.int64) * stride_wl + cols[:, None].to(tl.int64) * stride_wn
+    # (adapter as a vector: the Triton interpreter rejects a mask of scalar & vector)
+    w_mask = (col_valid & (tl.zeros((BLOCK_N,), tl.int32) + adapter >= 0))[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(0, IN_FEATURES, BLOCK_K):  # unrolled: all loads issue up front
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < IN_FEATURES
+        x = tl.load(x_ptr + token * stride_xm + offs_k, mask=k_mask, other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=w_mask & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    live = col_valid & (cols % MAX_RANK < tl.minimum(rank, MAX_RANK))
+    y = tl.where(live, tl.sum(acc, axis=1), 0.0)  # exact zeros past the rank
+    tl.store(out_ptr + token * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=col_valid)
+
+
 def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: int,
                    dtype: torch.dtype, num_tokens: int = 0) -> dict:
     """Tile sizes by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
@@ -107,8 +142,8 @@ def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: in
     Decode (chunk_size <= 32, _shrink_kernel): BLOCK_N never crosses a slice (it is at most the
     slice width R, rounded to a power of two), so a tile past an adapter's rank is skipped whole.
     Prefill (chunk_size >= 64): see _prefill_config.
-    Measured on an H200, bf16, in = 4096 (decode: scratch/shrink2_bench.py, prefill:
-    scratch/shrink3_bench.py). num_tokens is a tensor size, so the choice is graph-safe.
+    Measured on an H200, bf16, in = 4096 (bench_results/NOTES.md). num_tokens is a tensor size,
+    so the choice is graph-safe.
     """
     if chunk_size >= 64:
         config = _prefill_config(chunk_size, n_total, max_rank, num_tokens)
@@ -129,7 +164,7 @@ def _shrink_config(chunk_size: int, n_total: int, in_features: int, max_rank: in
 
 
 def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: int) -> dict:
-    """Prefill tiles (H200, bf16, in = 4096, 20 calls in a CUDA graph: scratch/shrink3_bench.py).
+    """Prefill tiles (H200, bf16, in = 4096, 20 calls in a CUDA graph; bench_results/NOTES.md).
 
     All slices' columns fit one tile (n_total <= 64, e.g. rank 16 on 3 slices):
     _shrink_kernel with FUSED_SLICES, x read once per chunk instead of once per slice tile
@@ -185,14 +220,49 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     return buffer
 
 
-def sgmv_shrink(x, weights, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-                num_slices: int, chunk_size: int, permuted: bool) -> torch.Tensor:
+def _use_per_token(num_tokens: int, num_chunks: int, n_total: int) -> bool:
+    """Whether _shrink_per_token_kernel beats the chunk kernel (sizes only, so graph-safe).
+
+    Measured on an H200 in bf16 (in = 4096, 1-64 one-token sequences over 8 adapters): the
+    per-token kernel takes 1.8-2.2 us at 1 token against 4.0-4.8 us for the chunk kernel, and
+    stays faster up to about 4096 outputs (32 tokens x 3 slices of rank 16: 3.3 vs 5.1 us).
+    Beyond, the chunk kernel's reuse of the adapter's rows wins on a sorted plan, but not on
+    a plan with as many chunks as tokens (one-token segments: 64 tokens x 192: 14 vs 24 us;
+    256 tokens x 48: 13 vs 38 us).
+    """
+    return num_tokens * n_total <= 4096 or num_chunks >= num_tokens
+
+
+def _launch_per_token(x, weights, out, token_adapter, adapter_rank, max_rank: int,
+                      block_n: int | None = None, block_k: int = 2048,
+                      num_warps: int | None = None) -> None:
+    """Tiles measured as above: 2 columns x 4 warps within 0.2 us of the best of 36 tile shapes
+    up to 64 tokens; beyond, 4 columns x 2 warps (256 tokens x 48: 13.5 vs 15.2 us)."""
+    num_tokens, in_features = x.shape
+    n_total = weights.shape[1]
+    block_n = block_n or (2 if num_tokens <= 64 else 4)
+    num_warps = num_warps or (4 if num_tokens <= 64 else 2)
+    # grid: (column tiles, tokens)
+    _shrink_per_token_kernel[(triton.cdiv(n_total, block_n), num_tokens)](
+        x, weights, out, token_adapter, adapter_rank,
+        x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
+        IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=max_rank,
+        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(in_features)),
+        num_warps=num_warps,
+    )
+
+
+def sgmv_shrink(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                adapter_rank, num_slices: int, chunk_size: int, permuted: bool) -> torch.Tensor:
     """y (s, num_slices*R) = per-token x @ A[a].T over the chunk plan; every element written."""
     num_tokens, in_features = x.shape
     n_total = weights.shape[1]
     max_rank = n_total // num_slices
     out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
     if num_tokens == 0 or n_total == 0:  # nothing to write
+        return out
+    if _use_per_token(num_tokens, chunk_adapter.shape[0], n_total):
+        _launch_per_token(x, weights, out, token_adapter, adapter_rank, max_rank)
         return out
     cfg = _shrink_config(chunk_size, n_total, in_features, max_rank, x.dtype, num_tokens)
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]

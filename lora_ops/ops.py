@@ -100,7 +100,7 @@ def _shrink_impl(x, weights, *args):
         token_adapter, adapter_rank = metadata[0], metadata[-1]
         return torch_native.sgmv_shrink(x, weights, token_adapter, adapter_rank, num_slices)
     return _kernels(backend).shrink.sgmv_shrink(
-        x, weights, *metadata[1:], num_slices, chunk_size, permuted=backend == "csgmv")
+        x, weights, *metadata, num_slices, chunk_size, permuted=backend == "csgmv")
 
 
 def _run_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_offsets, chunk_size,
@@ -113,7 +113,7 @@ def _run_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_of
                                  adapter_scaling, slice_offsets)
         return
     _kernels(backend).expand.sgmv_expand(
-        y, weights, base_output, *metadata[1:], adapter_scaling, slice_offsets, chunk_size,
+        y, weights, base_output, *metadata, adapter_scaling, slice_offsets, chunk_size,
         permuted=backend == "csgmv")
 
 

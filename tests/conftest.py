@@ -32,6 +32,24 @@ def kernel_backends() -> list[str]:
     return ["triton", "csgmv"] if HAS_TRITON else []
 
 
+@pytest.fixture(params=["chunk", "per_token"])
+def matmul_kernels(request, monkeypatch):
+    """Runs a test once per kernel family of the Triton backends' shrink and expand: the chunk
+    kernels over the plan, and the per-token kernels that the size rule picks for small
+    decode batches (forced here whatever the size)."""
+    force_matmul_kernels(monkeypatch, per_token=request.param == "per_token")
+    return request.param
+
+
+def force_matmul_kernels(monkeypatch, per_token: bool) -> None:
+    if HAS_TRITON:
+        import csrc_triton.expand
+        import csrc_triton.shrink
+
+        for module in (csrc_triton.shrink, csrc_triton.expand):
+            monkeypatch.setattr(module, "_use_per_token", lambda *sizes: per_token)
+
+
 def backends_for(dtype: torch.dtype, device: str = DEVICE) -> list[str]:
     # bfloat16 tl.dot is wrong in Triton's CPU interpreter: kernels get bf16 only on the GPU.
     if device == "cpu" and dtype == torch.bfloat16:
@@ -94,7 +112,7 @@ def shrink_reference(x, weights, batch, num_slices, dtype):
     max_rank = weights.shape[1] // num_slices
     y = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)
     for slot, (rank, mask) in enumerate(zip(batch.adapter_rank.tolist(), _slot_masks(batch))):
-        a_slot = weights[slot].to(dtype) * _rank_mask(rank, max_rank, num_slices, x.device).unsqueeze(1)
+        a_slot = torch.where(_rank_mask(rank, max_rank, num_slices, x.device).unsqueeze(1), weights[slot].to(dtype), 0)
         y = torch.where(mask, x.to(dtype) @ a_slot.T, y)
     return y
 
@@ -105,10 +123,10 @@ def expand_reference(base, y, weights, batch, offsets, dtype):
     out = base.to(dtype).clone()
     scalings = batch.adapter_scaling.tolist()
     for slot, (rank, mask) in enumerate(zip(batch.adapter_rank.tolist(), _slot_masks(batch))):
-        keep = (torch.arange(max_rank, device=y.device) < rank).to(dtype)
+        keep = torch.arange(max_rank, device=y.device) < rank
         for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-            y_slice = y[:, i * max_rank : (i + 1) * max_rank].to(dtype) * keep
-            delta = scalings[slot] * (y_slice @ weights[slot, lo:hi].to(dtype).T)
+            y_slice = torch.where(keep, y[:, i * max_rank : (i + 1) * max_rank].to(dtype), 0)
+            delta = scalings[slot] * (y_slice @ torch.where(keep, weights[slot, lo:hi].to(dtype), 0).T)
             out[:, lo:hi] = torch.where(mask, out[:, lo:hi] + delta, out[:, lo:hi])
     return out
 
@@ -117,7 +135,7 @@ def embedding_reference(token_ids, weights, batch, dtype):
     max_rank = weights.shape[1]
     y = torch.zeros(token_ids.shape[0], max_rank, dtype=dtype, device=weights.device)
     for slot, (rank, mask) in enumerate(zip(batch.adapter_rank.tolist(), _slot_masks(batch))):
-        rows = weights[slot].to(dtype)[:, token_ids].T * (torch.arange(max_rank, device=weights.device) < rank)
+        rows = torch.where(torch.arange(max_rank, device=weights.device) < rank, weights[slot].to(dtype)[:, token_ids].T, 0)
         y = torch.where(mask, rows, y)
     return y
 
@@ -161,12 +179,22 @@ def _rand(gen, *shape, dtype, device):
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def _nan_past_rank(weights, batch, rank_dim: int, num_slices: int = 1):
+    """Fills each slot's weights past its rank with NaN (padding may hold anything): a kernel
+    that reads them into the math fails the finiteness check."""
+    max_rank = weights.shape[rank_dim] // num_slices
+    for slot, rank in enumerate(batch.adapter_rank.tolist()):
+        past = (torch.arange(max_rank, device=weights.device) >= rank).repeat(num_slices)
+        weights[slot].index_fill_(rank_dim - 1, past.nonzero().flatten(), float("nan"))
+    return weights
+
+
 def _shrink_case(num_slices):
     def build(batch, dims, dtype, gen):
         s, device = batch.num_tokens, batch.device
         return {
             "x": _rand(gen, s, dims.in_features, dtype=dtype, device=device),
-            "A": _rand(gen, batch.num_slots, num_slices * dims.max_rank, dims.in_features, dtype=dtype, device=device) / dims.in_features**0.5,
+            "A": _nan_past_rank(_rand(gen, batch.num_slots, num_slices * dims.max_rank, dims.in_features, dtype=dtype, device=device) / dims.in_features**0.5, batch, 1, num_slices),
         }
 
     def run(inputs, batch, backend):
@@ -185,7 +213,7 @@ def _expand_case(name, offsets_of, call):
         num_slices = len(offsets) - 1
         return {
             "y": _rand(gen, s, num_slices * dims.max_rank, dtype=dtype, device=device),
-            "B": _rand(gen, batch.num_slots, offsets[-1], dims.max_rank, dtype=dtype, device=device) / dims.max_rank**0.5,
+            "B": _nan_past_rank(_rand(gen, batch.num_slots, offsets[-1], dims.max_rank, dtype=dtype, device=device) / dims.max_rank**0.5, batch, 2),
             "base": _rand(gen, s, offsets[-1], dtype=dtype, device=device),
             "offsets": offsets,
             "dims": dims,
@@ -207,7 +235,7 @@ def _embedding_case():
         s, device = batch.num_tokens, batch.device
         return {
             "ids": torch.randint(0, dims.vocab, (s,), generator=gen).to(device),
-            "A": _rand(gen, batch.num_slots, dims.max_rank, dims.vocab, dtype=dtype, device=device),
+            "A": _nan_past_rank(_rand(gen, batch.num_slots, dims.max_rank, dims.vocab, dtype=dtype, device=device), batch, 1),
         }
 
     def run(inputs, batch, backend):

@@ -22,7 +22,7 @@ REPLAYED = [
 @requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "csgmv"])
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
-def test_replay_with_more_chunks_than_captured(op_case, backend):
+def test_replay_with_more_chunks_than_captured(op_case, backend, matmul_kernels):
     gen, seed = fresh_generator()
     static_batch = make_batch(CAPTURED, device="cuda")
     static_inputs = op_case.build(static_batch, DIMS, torch.bfloat16, gen)

@@ -9,7 +9,7 @@ import torch
 
 import lora_ops
 from conftest import (
-    DEVICE, OP_CASES, SCENARIOS, Dims, Scenario, assert_close_to_reference, backends_for, fresh_generator,
+    DEVICE, OP_CASES, SCENARIOS, Dims, Scenario, assert_close_to_reference, backends_for, force_matmul_kernels, fresh_generator,
     make_batch, requires_cuda, expand_reference, shrink_reference,
 )
 
@@ -42,15 +42,16 @@ def check_op(op_case, scenario, dtype, backend, dims=Dims(), device=DEVICE, chun
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
-def test_op_matches_reference(op_case, scenario, dtype, poisoned_empty):
+def test_op_matches_reference(op_case, scenario, dtype, poisoned_empty, matmul_kernels):
     for backend in backends_for(dtype):
         check_op(op_case, scenario, dtype, backend)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32])
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
-def test_chunk_boundaries(op_case, chunk_size, poisoned_empty):
-    """Runs of exactly, one below and one above the chunk size, in one batch."""
+def test_chunk_boundaries(op_case, chunk_size, poisoned_empty, monkeypatch):
+    """Runs of exactly, one below and one above the chunk size, in one batch (chunk kernels)."""
+    force_matmul_kernels(monkeypatch, per_token=False)
     lens = (chunk_size, chunk_size - 1, chunk_size + 1, 1)
     scenario = Scenario(f"around_{chunk_size}", lens, (0, 1, 0, 2), (8, 3, 5))
     for backend in backends_for(torch.float32):
@@ -88,7 +89,7 @@ REAL = Dims(in_features=4096, max_rank=64, q_size=4096, kv_size=1024, intermedia
 @requires_cuda
 @pytest.mark.parametrize("num_tokens", [1, 256, 4096])
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
-def test_gpu_bf16_real_sizes(op_case, num_tokens, poisoned_empty):
+def test_gpu_bf16_real_sizes(op_case, num_tokens, poisoned_empty, matmul_kernels):
     """bfloat16 at Llama-3-8B sizes with heterogeneous ranks (64 beside 8 and 16) on the GPU."""
     gen = torch.Generator().manual_seed(num_tokens)
     num_seqs = min(num_tokens, 16)
