@@ -174,7 +174,7 @@ def _use_per_token(num_tokens: int, num_chunks: int) -> bool:
     sequences over 8 adapters): per token, 1.7-2.5 us at 1 token against 2.2-3.7 us, and faster
     than the sorted plan up to 8-32 tokens (8 tokens gate-up r64: 6.3 vs 8.9 us; 32 tokens:
     20 vs 16 us). A plan with as many chunks as tokens (one-token segments) re-reads the
-    weights per token anyway, and the per-token kernel does it 2-4x faster (256 tokens
+    weights per token anyway, and the per-token kernel does it 2.4-4.6x faster (256 tokens
     gate-up r16: 35 vs 160 us).
     """
     return num_tokens <= 16 or num_chunks >= num_tokens
