@@ -181,19 +181,18 @@ def _use_per_token(num_tokens: int, num_chunks: int) -> bool:
 
 
 def _launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
-                      slice_offsets, block_n: int | None = None, num_warps: int = 4) -> None:
+                      slice_offsets) -> None:
     num_tokens = base_output.shape[0]
     max_rank = weights.shape[2]
     block_r = max(16, triton.next_power_of_2(max_rank))
-    if block_n is None:  # an 8192-element B tile: 512 columns at rank 16, 128 at rank 64
-        block_n = max(64, 8192 // block_r)
+    block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
     first_tile, ends = _slice_tiles(slice_offsets, base_output.shape[1], block_n)
     # grid: (N tiles of all slices, tokens)
     _expand_per_token_kernel[(first_tile[len(slice_offsets) - 1], num_tokens)](
         y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
         y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
         first_tile[1], first_tile[2], *ends,
-        MAX_RANK=max_rank, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=num_warps,
+        MAX_RANK=max_rank, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
 
 

@@ -233,28 +233,26 @@ def _use_per_token(num_tokens: int, num_chunks: int, n_total: int) -> bool:
     return num_tokens * n_total <= 4096 or num_chunks >= num_tokens
 
 
-def _launch_per_token(x, weights, out, token_adapter, adapter_rank, max_rank: int,
-                      block_n: int | None = None, block_k: int = 2048,
-                      num_warps: int | None = None) -> None:
+def _launch_per_token(x, weights, out, token_adapter, adapter_rank, max_rank: int) -> None:
     """Tiles measured as above: 2 columns x 4 warps within 0.2 us of the best of 36 tile shapes
     up to 64 tokens; beyond, 4 columns x 2 warps (256 tokens x 48: 13.5 vs 15.2 us)."""
     num_tokens, in_features = x.shape
     n_total = weights.shape[1]
-    block_n = block_n or (2 if num_tokens <= 64 else 4)
-    num_warps = num_warps or (4 if num_tokens <= 64 else 2)
+    block_n, num_warps = (2, 4) if num_tokens <= 64 else (4, 2)
     # grid: (column tiles, tokens)
     _shrink_per_token_kernel[(triton.cdiv(n_total, block_n), num_tokens)](
         x, weights, out, token_adapter, adapter_rank,
         x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=max_rank,
-        BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(in_features)),
+        BLOCK_N=block_n, BLOCK_K=min(2048, triton.next_power_of_2(in_features)),
         num_warps=num_warps,
     )
 
 
 def sgmv_shrink(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
                 adapter_rank, num_slices: int, chunk_size: int, permuted: bool) -> torch.Tensor:
-    """y (s, num_slices*R) = per-token x @ A[a].T over the chunk plan; every element written."""
+    """y (s, num_slices*R) = per-token x @ A[a].T, by the chunk plan's kernel or the per-token
+    one (_use_per_token); every element written."""
     num_tokens, in_features = x.shape
     n_total = weights.shape[1]
     max_rank = n_total // num_slices
