@@ -16,8 +16,10 @@ Every matmul kernel here walks a *chunk plan* built once per batch by ``lora_ops
 
 Every token lies in exactly one chunk. The grid comes from tensor sizes only (``C`` and the weight
 shapes), never from data values, so a CUDA graph replays correctly with new batch contents.
+Grids are one-dimensional (``common.grid_1d``): CUDA caps axes y and z at 65535 programs.
 
 Shrink and expand also have a *per-token* kernel (one program per output tile and token, reading
-``token_adapter (s,) int32`` instead of the plan), picked by a rule on sizes alone for small
-decode batches and for plans with as many chunks as tokens (``_use_per_token`` in each module).
+``token_adapter (s,) int32`` instead of the plan). Which kernel runs is decided by the caller
+(``lora_ops.dispatch``); each module's ``launch_chunk`` / ``launch_per_token`` just launches.
+The only state kept between calls is the split-K shrink's arrival counters (``workspace.py``).
 """

@@ -4,40 +4,42 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import grid_1d, slot_rank
+
 
 @triton.jit
 def _embedding_a_kernel(
     token_ids_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,
-    num_tokens, vocab_size, stride_wl, stride_wr, stride_wv, stride_om,
+    num_tokens, vocab_size, w_stride_adapter, w_stride_row, w_stride_vocab, out_stride_row,
     MAX_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < num_tokens
     ids = tl.load(token_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
     adapter = tl.load(token_adapter_ptr + tokens, mask=token_mask, other=-1)
-    rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
+    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     # Ids outside the vocabulary read nothing (the Python layer reports them).
     valid = (adapter >= 0) & (ids >= 0) & (ids < vocab_size)
     offs_r = tl.arange(0, BLOCK_R)
-    load_mask = valid[:, None] & (offs_r[None, :] < tl.minimum(rank, MAX_RANK)[:, None])
-    w_ptrs = (weight_ptr + adapter.to(tl.int64)[:, None] * stride_wl
-              + offs_r[None, :].to(tl.int64) * stride_wr + ids[:, None] * stride_wv)
+    load_mask = valid[:, None] & (offs_r[None, :] < rank[:, None])
+    w_ptrs = (weight_ptr + adapter.to(tl.int64)[:, None] * w_stride_adapter
+              + offs_r[None, :].to(tl.int64) * w_stride_row + ids[:, None] * w_stride_vocab)
     values = tl.load(w_ptrs, mask=load_mask, other=0.0)
-    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_om + offs_r[None, :]
+    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * out_stride_row + offs_r[None, :]
     tl.store(out_ptrs, values, mask=token_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
 
-def embedding_a(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
+def launch(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
     """y (s, R): y[t, j] = A[a(t), j, ids[t]] for j < rank, else 0; zero rows for a(t) == -1."""
     num_tokens = token_ids.shape[0]
     _, max_rank, vocab_size = weights.shape
     out = torch.empty((num_tokens, max_rank), dtype=weights.dtype, device=weights.device)
-    if num_tokens == 0:
+    if num_tokens == 0 or max_rank == 0:
         return out
     block_r = triton.next_power_of_2(max_rank)
     block_t = max(1, min(64, 2048 // block_r))  # about 2048 gathered elements per program
-    # grid: (cdiv(s, BLOCK_T),)
-    _embedding_a_kernel[(triton.cdiv(num_tokens, block_t),)](
+    # grid: (token blocks,)
+    _embedding_a_kernel[grid_1d(1, triton.cdiv(num_tokens, block_t))](
         token_ids, weights, out, token_adapter, adapter_rank,
         num_tokens, vocab_size, *weights.stride(), out.stride(0),
         MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=block_r,

@@ -3,13 +3,16 @@
 ``base_output[t, o_i:o_{i+1}] += c_a * y[t, i*R : i*R + r_a] @ B[a, o_i:o_{i+1}, :r_a].T`` for
 each slice ``i``. The chunk plan is described in ``csrc_triton/__init__.py``.
 
-Two kernels: one program per (N tile, chunk) over the plan, or per (N tile, token) for small
-decode batches (``_use_per_token``). N tiles never straddle slices.
+Two kernels: ``launch_chunk`` runs one program per (N tile, chunk) over the plan,
+``launch_per_token`` one per (N tile, token); the caller picks (lora_ops.dispatch). N tiles
+never straddle slices. Tile choices and what was measured for them: bench_results/NOTES.md.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
 
 MAX_SLICES = 3
 
@@ -37,12 +40,11 @@ def _sgmv_expand_kernel(
     base_stride_row,
     slice1_first_tile, slice2_first_tile,
     slice1_offset, slice2_offset, slice3_offset,
-    MAX_RANK: tl.constexpr,
+    MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO_STEPS: tl.constexpr,
     PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    chunk = tl.program_id(1)
+    tile, chunk = tile_and_row_block(NUM_N_TILES)
 
     slice_idx, cols, col_mask = _slice_columns(tile, slice1_first_tile, slice2_first_tile,
                                                slice1_offset, slice2_offset, slice3_offset, BLOCK_N)
@@ -62,15 +64,10 @@ def _sgmv_expand_kernel(
     adapter = tl.load(chunk_adapter_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     start = tl.load(chunk_start_ptr + chunk)
-    rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
-    rank = tl.minimum(rank, MAX_RANK)  # a rank above R must not read the next slice of y
+    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     length = tl.where(rank > 0, length, 0)
     row_mask = offs_m < length
-    positions = start + offs_m
-    if PERMUTED:
-        rows = tl.load(token_order_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-    else:
-        rows = positions.to(tl.int64)
+    rows = chunk_rows(token_order_ptr, start, offs_m, row_mask, PERMUTED)
 
     # The base-output read is issued first so its latency overlaps the matmul.
     base_ptrs = base_ptr + rows[:, None] * base_stride_row + cols[None, :]
@@ -89,18 +86,12 @@ def _sgmv_expand_kernel(
                              other=0.0)
         y_ptrs = y_ptr + rows[:, None] * y_stride_row + y_cols[None, :]
         y0 = tl.load(y_ptrs, mask=row_mask[:, None] & (offs_k < rank)[None, :], other=0.0)
-        if IEEE_DOT:
-            acc = tl.dot(y0, w0, input_precision="ieee")
-        else:
-            acc = tl.dot(y0, w0)
+        acc = dot(y0, w0, IEEE_DOT)
         if TWO_STEPS:
             if rank > BLOCK_K:  # a low-rank adapter beside a high-rank one skips this step
                 y1 = tl.load(y_ptrs + BLOCK_K * y_stride_col,
                              mask=row_mask[:, None] & (offs_k < rank - BLOCK_K)[None, :], other=0.0)
-                if IEEE_DOT:
-                    acc += tl.dot(y1, w1, input_precision="ieee")
-                else:
-                    acc += tl.dot(y1, w1)
+                acc += dot(y1, w1, IEEE_DOT)
         scaling = tl.load(adapter_scaling_ptr + adapter)
         result = acc * scaling + base_tile.to(tl.float32)
         tl.store(base_ptrs, result.to(base_ptr.dtype.element_ty), mask=tile_mask)
@@ -114,17 +105,17 @@ def _expand_per_token_kernel(
     base_stride_row,
     slice1_first_tile, slice2_first_tile,
     slice1_offset, slice2_offset, slice3_offset,
-    MAX_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     # One program per (N tile, token), a GEMV without the chunk plan (see csrc_triton/shrink.py's
     # per-token kernel): the weight and base loads depend only on the token's adapter.
-    tile = tl.program_id(0)
-    token = tl.program_id(1).to(tl.int64)
+    tile, token = tile_and_row_block(NUM_N_TILES)
+    token = token.to(tl.int64)
     slice_idx, cols, col_mask = _slice_columns(tile, slice1_first_tile, slice2_first_tile,
                                                slice1_offset, slice2_offset, slice3_offset, BLOCK_N)
     adapter = tl.load(token_adapter_ptr + token)
-    rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
-    rank = tl.minimum(rank, MAX_RANK)  # a rank above R must not read the next slice of y
+    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     offs_r = tl.arange(0, BLOCK_R)
     # All R columns of B are read (they exist) and the products past the rank are dropped, so
     # the weight load does not wait on rank. (adapter as a vector: the interpreter rejects a mask
@@ -147,102 +138,73 @@ def _expand_per_token_kernel(
                  mask=col_mask)
 
 
-def _expand_config(chunk_size: int, n_total: int, max_rank: int, dtype: torch.dtype) -> dict:
-    """Tile sizes by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
-
-    Measured on an H200 in bf16 (Llama-3-8B qkv and gate-up, ranks 16 and 64): walking several
-    chunks per program with the B tile kept in registers, prefetching the next chunk's base
-    tile, chunk-major grids, 8 warps, N tiles of 64 or 256, and splitting rank 64 into two
-    guarded 32-wide K steps were all as fast or slower (the split: 25% slower at prefill).
-    """
+def _chunk_config(chunk_size: int, n_total: int, max_rank: int, dtype: torch.dtype) -> dict:
+    """Tiles by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
+    One masked K step up to rank 64; beyond, two half-width steps, the second guarded."""
     block_n = 128
     if chunk_size <= 16 and n_total <= 8192:
         block_n = 64  # small decode batches: more programs in flight over a narrow output
     if dtype == torch.float32 and chunk_size >= 64:
         block_n = 64  # fp32 base tile and accumulator both live in registers
     k_max = max(16, triton.next_power_of_2(max_rank))
-    # One masked K step up to rank 64; beyond, two half-width steps, the second guarded.
     two_steps = k_max > 64
     block_k = k_max // 2 if two_steps else k_max
     return dict(block_n=block_n, block_k=block_k, two_steps=two_steps, num_warps=4, num_stages=1)
 
 
-def _use_per_token(num_tokens: int, num_chunks: int) -> bool:
-    """Whether _expand_per_token_kernel beats the chunk kernel (sizes only, so graph-safe).
-
-    Measured on an H200 in bf16 (qkv and gate-up of Llama-3-8B, ranks 16 and 64, one-token
-    sequences over 8 adapters): per token, 1.7-2.5 us at 1 token against 2.2-3.7 us, and faster
-    than the sorted plan up to 8-32 tokens (8 tokens gate-up r64: 6.3 vs 8.9 us; 32 tokens:
-    20 vs 16 us). A plan with as many chunks as tokens (one-token segments) re-reads the
-    weights per token anyway, and the per-token kernel does it 2.4-4.6x faster (256 tokens
-    gate-up r16: 35 vs 160 us).
-    """
-    return num_tokens <= 16 or num_chunks >= num_tokens
-
-
-def _launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
-                      slice_offsets) -> None:
-    num_tokens = base_output.shape[0]
-    max_rank = weights.shape[2]
-    block_r = max(16, triton.next_power_of_2(max_rank))
-    block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
-    first_tile, ends = _slice_tiles(slice_offsets, base_output.shape[1], block_n)
-    # grid: (N tiles of all slices, tokens)
-    _expand_per_token_kernel[(first_tile[len(slice_offsets) - 1], num_tokens)](
-        y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
-        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
-        first_tile[1], first_tile[2], *ends,
-        MAX_RANK=max_rank, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
-    )
-
-
-def _slice_tiles(slice_offsets, n_total: int, block_n: int) -> tuple[list[int], list[int]]:
+def _slice_tiles(slice_offsets, block_n: int) -> tuple[list[int], list[int]]:
     """Static tile numbering: slice i owns tiles [first_tile[i], first_tile[i + 1]); its
-    columns end at ends[i] (missing slices are empty, ending at n_total)."""
+    columns end at ends[i] (missing slices are empty, ending at the last offset)."""
     num_slices = len(slice_offsets) - 1
-    ends = list(slice_offsets[1:]) + [n_total] * (MAX_SLICES - num_slices)
+    if not 1 <= num_slices <= MAX_SLICES:
+        raise ValueError(f"sgmv_expand supports 1 to {MAX_SLICES} slices, got {num_slices}")
+    ends = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
     first_tile = [0]
     for start, end in zip([0] + ends[:-1], ends):
         first_tile.append(first_tile[-1] + triton.cdiv(end - start, block_n))
     return first_tile, ends
 
 
-def sgmv_expand(y, weights, base_output, token_adapter, token_order, chunk_adapter, chunk_start,
-                chunk_len, adapter_rank, adapter_scaling, slice_offsets: list[int],
-                chunk_size: int, permuted: bool) -> None:
-    """base_output[t, o_i:o_{i+1}] += c_a * y[t, i*R : i*R+r_a] @ B[a, o_i:o_{i+1}, :r_a].T, in place."""
-    num_slices = len(slice_offsets) - 1
-    if not 1 <= num_slices <= MAX_SLICES:
-        raise ValueError(f"sgmv_expand supports 1 to {MAX_SLICES} slices, got {num_slices}")
-    if base_output.stride(1) != 1:
-        raise ValueError("base_output must be contiguous along its last dimension")
-    num_tokens, n_total = base_output.shape
-    max_rank = weights.shape[2]
+def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
+                     slice_offsets: list[int]) -> None:
+    """base_output += the LoRA delta of every token, one program per (N tile, token)."""
+    num_tokens = base_output.shape[0]
     if num_tokens == 0:
         return
-    if _use_per_token(num_tokens, chunk_adapter.shape[0]):
-        _launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
-                          slice_offsets)
+    max_rank = weights.shape[2]
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
+    first_tile, ends = _slice_tiles(slice_offsets, block_n)
+    num_n_tiles = first_tile[MAX_SLICES]
+    # grid: (N tiles of all slices x tokens,)
+    _expand_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
+        y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
+        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
+        first_tile[1], first_tile[2], *ends,
+        MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=4,
+    )
+
+
+def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start, chunk_len,
+                 adapter_rank, adapter_scaling, slice_offsets: list[int], chunk_size: int,
+                 permuted: bool) -> None:
+    """base_output += the LoRA delta of every token, one program per (N tile, chunk)."""
+    num_tokens, n_total = base_output.shape
+    if num_tokens == 0:
         return
-    cfg = _expand_config(chunk_size, n_total, max_rank, base_output.dtype)
-    block_n, block_k = cfg["block_n"], cfg["block_k"]
-    if block_k * (2 if cfg["two_steps"] else 1) < max_rank:
-        raise ValueError(f"expand config covers rank {block_k} x steps < {max_rank}")
-
-    first_tile, ends = _slice_tiles(slice_offsets, n_total, block_n)
-
-    # grid: (N tiles of all slices, chunks)
-    grid = (first_tile[num_slices], chunk_adapter.shape[0])
-    _sgmv_expand_kernel[grid](
+    max_rank = weights.shape[2]
+    cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
+    first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
+    num_n_tiles = first_tile[MAX_SLICES]
+    # grid: (N tiles of all slices x chunks,)
+    _sgmv_expand_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](
         y, weights, base_output, token_order,
         chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
-        y.stride(0), y.stride(1),
-        weights.stride(0), weights.stride(1), weights.stride(2),
-        base_output.stride(0),
-        first_tile[1], first_tile[2],
-        ends[0], ends[1], ends[2],
-        MAX_RANK=max_rank,
-        BLOCK_M=chunk_size, BLOCK_N=block_n, BLOCK_K=block_k, TWO_STEPS=cfg["two_steps"],
-        PERMUTED=permuted, IEEE_DOT=base_output.dtype == torch.float32,
+        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
+        first_tile[1], first_tile[2], *ends,
+        MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles,
+        BLOCK_M=chunk_size, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        TWO_STEPS=cfg["two_steps"], PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

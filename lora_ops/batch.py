@@ -34,7 +34,7 @@ def default_chunk_size(num_tokens: int) -> int:
     return 64  # measured on an H200: 128-token chunks were no faster on prefill
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ChunkPlan:
     """Chunks of at most ``chunk_size`` positions; position p holds token ``token_order[p]``."""
 
@@ -43,6 +43,7 @@ class ChunkPlan:
     chunk_start: torch.Tensor  # (C,) int32
     chunk_len: torch.Tensor  # (C,) int32, 0 = unused chunk
     chunk_size: int
+    chunks_needed: int  # chunks this batch's contents use (host value, for explanations)
 
     @property
     def num_chunks(self) -> int:
@@ -74,6 +75,13 @@ def _cut_runs_into_chunks(
         chunk_start.to(torch.int32),
         chunk_len.to(torch.int32),
     )
+
+
+def _device_of(*values) -> torch.device:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def _num_chunks_needed(run_lengths: torch.Tensor, chunk_size: int) -> int:
@@ -138,13 +146,32 @@ class LoRABatch:
                                  "batches need equal token counts, slots and max_segments")
         for mine, theirs in pairs:
             mine.copy_(theirs)
+            mine.chunks_needed = theirs.chunks_needed
         self.max_rank = other.max_rank
         self.prefers_adapter_sorting = other.prefers_adapter_sorting
         return self
 
-    def plan(self, backend: str) -> ChunkPlan:
-        """The chunk plan a backend walks (``torch_native`` reads only ``token_adapter``)."""
-        return self.sorted_plan if backend == "csgmv" else self.segment_plan
+    @property
+    def chunk_size(self) -> int:
+        return self.segment_plan.chunk_size
+
+    def plan(self, name: str) -> ChunkPlan:
+        """The ``"segment"`` plan (token order, the ``triton`` backend) or the ``"sorted"`` plan
+        (tokens sorted by adapter, ``csgmv``); ``lora_ops.explain`` says which one runs."""
+        if name == "segment":
+            return self.segment_plan
+        if name == "sorted":
+            return self.sorted_plan
+        raise ValueError(f"plan must be 'segment' or 'sorted', got {name!r}")
+
+    def op_metadata(self, plan: str | None) -> tuple:
+        """The metadata tensors of a ``torch.ops.lora`` call, in schema order: token_adapter,
+        token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank. ``plan`` None (the
+        torch_native backend, which reads only token_adapter and adapter_rank) passes the
+        segment plan's."""
+        chunks = self.segment_plan if plan is None else self.plan(plan)
+        return (self.token_adapter, chunks.token_order, chunks.chunk_adapter, chunks.chunk_start,
+                chunks.chunk_len, self.adapter_rank)
 
     @classmethod
     def build(
@@ -164,9 +191,11 @@ class LoRABatch:
             adapter_ids: ``(num_seqs,)`` adapter slot of each sequence, ``-1`` for no adapter.
             ranks: ``(L,)`` rank of each adapter slot, 0 for an unused slot.
             scalings: ``(L,)`` scaling of each slot (PEFT: ``lora_alpha / r``).
-            device: where the metadata lives (the device of the activations).
+            device: where the metadata lives (the device of the activations); default: the
+                device of ``seq_lens`` or ``adapter_ids`` if either is a tensor, else the CPU.
             chunk_size: tokens per chunk; default ``default_chunk_size(total tokens)``.
         """
+        device = device or _device_of(seq_lens, adapter_ids)
         lengths = _as_cpu_tensor(seq_lens, "seq_lens", torch.int64)
         seq_adapter = _as_cpu_tensor(adapter_ids, "adapter_ids", torch.int64)
         if lengths.shape != seq_adapter.shape:
@@ -201,11 +230,7 @@ class LoRABatch:
         the segment plan, so batches with equal token counts and bounds have equal shapes and
         can be copied into each other's buffers (``copy_``). Default: the runs of this batch.
         """
-        if device is None:
-            device = (
-                token_adapter_ids.device if isinstance(token_adapter_ids, torch.Tensor) else "cpu"
-            )
-        device = torch.device(device)
+        device = torch.device(device or _device_of(token_adapter_ids))
         token_adapter = _as_cpu_tensor(token_adapter_ids, "token_adapter_ids", torch.int64)
         rank = _as_cpu_tensor(ranks, "ranks", torch.int64)
         scaling = _as_cpu_tensor(scalings, "scalings", torch.float32)
@@ -248,12 +273,14 @@ class LoRABatch:
             positions,
             *_cut_runs_into_chunks(token_adapter, chunk_size, min(tiles + max_segments, num_tokens)),
             chunk_size,
+            num_segment_chunks,
         )
         sort_order = torch.sort(token_adapter, stable=True).indices
         sorted_plan = ChunkPlan(
             sort_order.to(torch.int32),
             *_cut_runs_into_chunks(token_adapter[sort_order], chunk_size, min(tiles + num_slots + 1, num_tokens)),
             chunk_size,
+            num_sorted_chunks,
         )
         return cls(
             token_adapter=token_adapter.to(torch.int32),

@@ -1,9 +1,13 @@
-"""The op contracts of lora_ops: every ``torch.ops.lora.*`` schema, fake and kernel registration.
+"""The op contracts of lora_ops: every ``torch.ops.lora.*`` op, one block each.
 
-Importing this module registers the ops; it must be imported before any graph capture (``import
-lora_ops`` does it). Triton backends are imported lazily, the first time one runs.
+A block holds the op's schema, its fake (output shapes for tracing; it runs the same argument
+check as the real implementation, so a wrong shape fails while tracing, not at run time), its
+implementation (the check, once, then the backend's code) and its typed Python function (which
+resolves the backend, checks what needs host values, and calls the op). Importing this module
+registers the ops; it must be imported before any graph capture (``import lora_ops`` does it).
+Triton kernels are imported lazily, the first time a Triton backend runs.
 
-Conventions shared by every op and every backend (DESIGN.md has the math):
+Conventions shared by every op and every backend:
 
 - Shrink weights ``A (L, n*R, in)``: slice ``i`` of slot ``l`` in rows ``[i*R, i*R + r_l)``.
   Expand weights ``B (L, out, R)``: columns ``[:r_l]``. Embedding weights ``A (L, R, vocab)``.
@@ -12,9 +16,10 @@ Conventions shared by every op and every backend (DESIGN.md has the math):
 - The scaling ``c_l`` is applied in the expand ops, never in shrink.
 - Shrink returns ``y`` with zeros beyond each adapter's rank and for tokens without adapter.
 - Expand ops add into ``base_output`` in place (``Tensor(a!)``) and return nothing.
-- The metadata tensors come from a ``LoRABatch``: ``token_adapter`` and the chunk plan of the
-  backend named by ``backend`` (``batch.plan(backend)``); ``backend`` is already resolved
-  (``torch_native``, ``triton`` or ``csgmv``, never ``auto``).
+- The metadata tensors come from a ``LoRABatch`` (``batch.op_metadata(plan)``); ``backend`` and
+  ``kernel`` are a resolved decision (``lora_ops.dispatch.resolve``), never ``auto``.
+- No op has a backward yet: called with inputs that require grad (and grad mode on), every op
+  raises instead of returning silently wrong (zero) gradients.
 """
 
 from __future__ import annotations
@@ -22,35 +27,25 @@ from __future__ import annotations
 import torch
 
 from . import checks, torch_native
-from .backends import resolve
 from .batch import LoRABatch
+from .dispatch import resolve
 
-_PLAN = (
-    "Tensor token_adapter, Tensor token_order, Tensor chunk_adapter, Tensor chunk_start, "
-    "Tensor chunk_len, Tensor adapter_rank"
-)
+_METADATA = ("Tensor token_adapter, Tensor token_order, Tensor chunk_adapter, Tensor chunk_start, "
+             "Tensor chunk_len, Tensor adapter_rank")
 
 SCHEMAS = {
-    "sgmv_shrink": (
-        f"sgmv_shrink(Tensor x, Tensor weights, {_PLAN}, int num_slices, int chunk_size, "
-        "str backend) -> Tensor"
-    ),
-    "sgmv_expand": (
-        f"sgmv_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_PLAN}, "
-        "Tensor adapter_scaling, SymInt[] slice_offsets, int chunk_size, str backend) -> ()"
-    ),
-    "qkv_expand": (
-        f"qkv_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_PLAN}, "
-        "Tensor adapter_scaling, SymInt q_size, SymInt kv_size, int chunk_size, str backend) -> ()"
-    ),
-    "gate_up_expand": (
-        f"gate_up_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_PLAN}, "
-        "Tensor adapter_scaling, int chunk_size, str backend) -> ()"
-    ),
-    "embedding_a": (
-        "embedding_a(Tensor token_ids, Tensor weights, Tensor token_adapter, Tensor adapter_rank, "
-        "str backend) -> Tensor"
-    ),
+    "sgmv_shrink": (f"sgmv_shrink(Tensor x, Tensor weights, {_METADATA}, int num_slices, "
+                    "int chunk_size, str backend, str kernel) -> Tensor"),
+    "sgmv_expand": (f"sgmv_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_METADATA}, "
+                    "Tensor adapter_scaling, SymInt[] slice_offsets, int chunk_size, str backend, "
+                    "str kernel) -> ()"),
+    "qkv_expand": (f"qkv_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_METADATA}, "
+                   "Tensor adapter_scaling, SymInt q_size, SymInt kv_size, int chunk_size, "
+                   "str backend, str kernel) -> ()"),
+    "gate_up_expand": (f"gate_up_expand(Tensor(a!) base_output, Tensor y, Tensor weights, {_METADATA}, "
+                       "Tensor adapter_scaling, int chunk_size, str backend, str kernel) -> ()"),
+    "embedding_a": ("embedding_a(Tensor token_ids, Tensor weights, Tensor token_adapter, "
+                    "Tensor adapter_rank, str backend) -> Tensor"),
 }
 
 _lib = torch.library.Library("lora", "DEF")
@@ -58,34 +53,28 @@ for _schema in SCHEMAS.values():
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
-# ---- fake (meta) implementations: output shapes, dtypes and strides for tracing ----
+def _register(name: str, fake, impl) -> None:
+    torch.library.register_fake(f"lora::{name}", fake, lib=_lib)
+    for device in ("CPU", "CUDA"):
+        _lib.impl(name, impl, device)
+    _lib.impl(name, _refuse_grad(name), "Autograd", with_keyset=True)
 
 
-@torch.library.register_fake("lora::sgmv_shrink", lib=_lib)
-def _shrink_fake(x, weights, *plan_and_sizes):
-    return x.new_empty(x.shape[0], weights.shape[1])
+def _refuse_grad(name: str):
+    """Autograd kernel until backward formulas exist: refuse inputs that require grad."""
+    op = getattr(torch.ops.lora, name).default
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            checks.fail(name, "an input requires grad, but lora ops have no backward yet; call "
+                              "them under torch.no_grad() / torch.inference_mode() or detach the inputs")
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return autograd_kernel
 
 
-@torch.library.register_fake("lora::embedding_a", lib=_lib)
-def _embedding_a_fake(token_ids, weights, token_adapter, adapter_rank, backend):
-    return weights.new_empty(token_ids.shape[0], weights.shape[1])
-
-
-def _expand_fake(*args):
-    return None
-
-
-for _name in ("sgmv_expand", "qkv_expand", "gate_up_expand"):
-    torch.library.register_fake(f"lora::{_name}", _expand_fake, lib=_lib)
-
-
-# ---- real implementations (CPU and CUDA): switch on the resolved backend ----
-
-
-def _kernels(backend: str):
-    """The Triton kernel package, imported on first use; rejects unknown backend names."""
-    if backend not in ("triton", "csgmv"):
-        raise ValueError(f"backend must be 'torch_native', 'triton' or 'csgmv', got {backend!r}")
+def _triton_kernels():
+    """The Triton kernel modules, imported on first use."""
     import csrc_triton.embedding
     import csrc_triton.expand
     import csrc_triton.shrink
@@ -93,86 +82,28 @@ def _kernels(backend: str):
     return csrc_triton
 
 
-def _shrink_impl(x, weights, *args):
-    *metadata, num_slices, chunk_size, backend = args
-    checks.check_shrink("sgmv_shrink", x, weights, metadata, num_slices)
+# ---- sgmv_shrink ------------------------------------------------------------------------------
+
+
+def _shrink_fake(x, weights, *args):
+    checks.check_shrink_args("sgmv_shrink", x, weights, *args)
+    return x.new_empty(x.shape[0], weights.shape[1])
+
+
+def _shrink_impl(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                 adapter_rank, num_slices, chunk_size, backend, kernel):
+    checks.check_shrink_args("sgmv_shrink", x, weights, token_adapter, token_order, chunk_adapter,
+                             chunk_start, chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel)
     if backend == "torch_native":
-        token_adapter, adapter_rank = metadata[0], metadata[-1]
         return torch_native.sgmv_shrink(x, weights, token_adapter, adapter_rank, num_slices)
-    return _kernels(backend).shrink.sgmv_shrink(
-        x, weights, *metadata, num_slices, chunk_size, permuted=backend == "csgmv")
+    shrink = _triton_kernels().shrink
+    if kernel == "per_token":
+        return shrink.launch_per_token(x, weights, token_adapter, adapter_rank, num_slices)
+    return shrink.launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
+                               adapter_rank, num_slices, chunk_size, permuted=backend == "csgmv")
 
 
-def _run_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_offsets, chunk_size,
-                backend):
-    slice_offsets = [int(offset) for offset in slice_offsets]
-    checks.check_expand(op, base_output, y, weights, metadata, adapter_scaling, slice_offsets)
-    if backend == "torch_native":
-        token_adapter, adapter_rank = metadata[0], metadata[-1]
-        torch_native.sgmv_expand(base_output, y, weights, token_adapter, adapter_rank,
-                                 adapter_scaling, slice_offsets)
-        return
-    _kernels(backend).expand.sgmv_expand(
-        y, weights, base_output, *metadata, adapter_scaling, slice_offsets, chunk_size,
-        permuted=backend == "csgmv")
-
-
-# Expand impls: args = the 6 metadata tensors, adapter_scaling, the slice sizes, chunk_size, backend.
-def _expand_impl(base_output, y, weights, *args):
-    *metadata, adapter_scaling, slice_offsets, chunk_size, backend = args
-    _run_expand("sgmv_expand", base_output, y, weights, metadata, adapter_scaling, slice_offsets,
-                chunk_size, backend)
-
-
-def _qkv_expand_impl(base_output, y, weights, *args):
-    *metadata, adapter_scaling, q_size, kv_size, chunk_size, backend = args
-    checks.check_qkv_sizes("qkv_expand", base_output, q_size, kv_size)
-    offsets = [0, q_size, q_size + kv_size, q_size + 2 * kv_size]
-    _run_expand("qkv_expand", base_output, y, weights, metadata, adapter_scaling, offsets,
-                chunk_size, backend)
-
-
-def _gate_up_expand_impl(base_output, y, weights, *args):
-    *metadata, adapter_scaling, chunk_size, backend = args
-    checks.check_gate_up_width("gate_up_expand", base_output)
-    half = base_output.shape[1] // 2
-    _run_expand("gate_up_expand", base_output, y, weights, metadata, adapter_scaling,
-                [0, half, 2 * half], chunk_size, backend)
-
-
-def _embedding_a_impl(token_ids, weights, token_adapter, adapter_rank, backend):
-    checks.check_embedding("embedding_a", token_ids, weights, token_adapter, adapter_rank)
-    if backend == "torch_native":
-        return torch_native.embedding_a(token_ids, weights, token_adapter, adapter_rank)
-    return _kernels(backend).embedding.embedding_a(token_ids, weights, token_adapter, adapter_rank)
-
-
-_IMPLS = {
-    "sgmv_shrink": _shrink_impl,
-    "sgmv_expand": _expand_impl,
-    "qkv_expand": _qkv_expand_impl,
-    "gate_up_expand": _gate_up_expand_impl,
-    "embedding_a": _embedding_a_impl,
-}
-for _name, _impl in _IMPLS.items():
-    for _device in ("CPU", "CUDA"):
-        _lib.impl(_name, _impl, _device)
-
-
-# ---- the Python API: typed wrappers that check arguments and resolve the backend ----
-
-
-def _plan_args(batch: LoRABatch, backend: str) -> tuple:
-    plan = batch.plan(backend)
-    return (batch.token_adapter, plan.token_order, plan.chunk_adapter, plan.chunk_start,
-            plan.chunk_len, batch.adapter_rank)
-
-
-def _resolve_for(op: str, name: str, tensor, batch: LoRABatch, backend: str | None, **kwargs) -> str:
-    """Check the tensor that decides device and dtype, then resolve the backend for it."""
-    checks.check_tensor(op, name, tensor, **kwargs)
-    checks.check_batch_device(op, batch, name, tensor)
-    return resolve(backend, tensor.device, tensor.dtype, batch)
+_register("sgmv_shrink", _shrink_fake, _shrink_impl)
 
 
 def sgmv_shrink(
@@ -196,23 +127,92 @@ def sgmv_shrink(
         ``y (s, num_slices*R)``, zero beyond each adapter's rank and for tokens without adapter.
     """
     op = "sgmv_shrink"
-    name = _resolve_for(op, "x", x, batch, backend, ndim=2)
-    metadata = _plan_args(batch, name)
-    checks.check_shrink(op, x, weights, metadata, num_slices)
+    checks.check_tensor(op, "weights", weights, 3)
+    checks.check_num_slices(op, num_slices, weights)
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
-    return torch.ops.lora.sgmv_shrink(x, weights, *metadata, num_slices,
-                                      batch.plan(name).chunk_size, name)
+    decision = resolve(op, batch, weights, backend)
+    return torch.ops.lora.sgmv_shrink(x, weights, *batch.op_metadata(decision.plan), num_slices,
+                                      batch.chunk_size, decision.backend, decision.kernel)
 
 
-def _expand(op: str, y, weights, batch: LoRABatch, base_output, slice_offsets, backend,
-            slice_args: tuple) -> None:
-    """Shared by the expand wrappers: checks, then the op named ``op`` with its slice args."""
-    name = _resolve_for(op, "base_output", base_output, batch, backend, ndim=2)
-    metadata = _plan_args(batch, name)
-    checks.check_expand(op, base_output, y, weights, metadata, batch.adapter_scaling, slice_offsets)
+# ---- the expand ops: sgmv_expand, qkv_expand, gate_up_expand ---------------------------------
+
+
+def _run_expand(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
+                chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size,
+                backend, kernel) -> None:
+    slice_offsets = [int(offset) for offset in slice_offsets]
+    checks.check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
+                             chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
+                             chunk_size, backend, kernel)
+    if backend == "torch_native":
+        torch_native.sgmv_expand(base_output, y, weights, token_adapter, adapter_rank,
+                                 adapter_scaling, slice_offsets)
+        return
+    expand = _triton_kernels().expand
+    if kernel == "per_token":
+        expand.launch_per_token(y, weights, base_output, token_adapter, adapter_rank,
+                                adapter_scaling, slice_offsets)
+        return
+    expand.launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start, chunk_len,
+                        adapter_rank, adapter_scaling, slice_offsets, chunk_size,
+                        permuted=backend == "csgmv")
+
+
+# Each expand op's args after (base_output, y, weights): the 6 metadata tensors,
+# adapter_scaling, its slice arguments, chunk_size, backend, kernel.
+def _expand_fake(base_output, y, weights, *args):
+    *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = args
+    checks.check_expand_args("sgmv_expand", base_output, y, weights, *metadata, adapter_scaling,
+                             slice_offsets, chunk_size, backend, kernel)
+
+
+def _expand_impl(base_output, y, weights, *args):
+    _run_expand("sgmv_expand", base_output, y, weights, *args)
+
+
+def _qkv_expand_args(base_output, args):
+    *metadata, adapter_scaling, q_size, kv_size, chunk_size, backend, kernel = args
+    offsets = checks.qkv_offsets("qkv_expand", base_output, q_size, kv_size)
+    return (*metadata, adapter_scaling, offsets, chunk_size, backend, kernel)
+
+
+def _qkv_expand_fake(base_output, y, weights, *args):
+    checks.check_expand_args("qkv_expand", base_output, y, weights, *_qkv_expand_args(base_output, args))
+
+
+def _qkv_expand_impl(base_output, y, weights, *args):
+    _run_expand("qkv_expand", base_output, y, weights, *_qkv_expand_args(base_output, args))
+
+
+def _gate_up_expand_args(base_output, args):
+    *metadata, adapter_scaling, chunk_size, backend, kernel = args
+    offsets = checks.gate_up_offsets("gate_up_expand", base_output)
+    return (*metadata, adapter_scaling, offsets, chunk_size, backend, kernel)
+
+
+def _gate_up_expand_fake(base_output, y, weights, *args):
+    checks.check_expand_args("gate_up_expand", base_output, y, weights,
+                             *_gate_up_expand_args(base_output, args))
+
+
+def _gate_up_expand_impl(base_output, y, weights, *args):
+    _run_expand("gate_up_expand", base_output, y, weights, *_gate_up_expand_args(base_output, args))
+
+
+_register("sgmv_expand", _expand_fake, _expand_impl)
+_register("qkv_expand", _qkv_expand_fake, _qkv_expand_impl)
+_register("gate_up_expand", _gate_up_expand_fake, _gate_up_expand_impl)
+
+
+def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_args: tuple) -> None:
+    """Shared by the expand functions: host checks, the decision, then the op named ``op``."""
+    checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[2], "weights.shape[2]")
-    getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling,
-                                *slice_args, batch.plan(name).chunk_size, name)
+    decision = resolve(op, batch, weights, backend)
+    getattr(torch.ops.lora, op)(base_output, y, weights, *batch.op_metadata(decision.plan),
+                                batch.adapter_scaling, *slice_args, batch.chunk_size,
+                                decision.backend, decision.kernel)
 
 
 def sgmv_expand(
@@ -230,12 +230,11 @@ def sgmv_expand(
         weights: ``(L, out, R)`` stacked B matrices.
         batch: the forward's ``LoRABatch``.
         base_output: ``(s, out)`` output of the base layer, updated in place.
-        slice_offsets: ``[0, o_1, ..., out]``, strictly increasing, 1 to 3 slices: slice ``i`` is columns
-            ``[o_i, o_{i+1})`` of ``base_output`` and rows of ``weights``.
+        slice_offsets: ``[0, o_1, ..., out]``, strictly increasing, 1 to 3 slices: slice ``i`` is
+            columns ``[o_i, o_{i+1})`` of ``base_output`` and rows of ``weights``.
         backend: as in ``sgmv_shrink``.
     """
-    _expand("sgmv_expand", y, weights, batch, base_output, slice_offsets, backend,
-            (list(slice_offsets),))
+    _expand("sgmv_expand", y, weights, batch, base_output, backend, (list(slice_offsets),))
 
 
 def qkv_expand(
@@ -251,10 +250,7 @@ def qkv_expand(
 
     Shapes: ``y (s, 3R)``, ``weights (L, q_size + 2*kv_size, R)``, ``base_output (s, q_size + 2*kv_size)``.
     """
-    checks.check_tensor("qkv_expand", "base_output", base_output, 2)
-    checks.check_qkv_sizes("qkv_expand", base_output, q_size, kv_size)
-    offsets = [0, q_size, q_size + kv_size, q_size + 2 * kv_size]
-    _expand("qkv_expand", y, weights, batch, base_output, offsets, backend, (q_size, kv_size))
+    _expand("qkv_expand", y, weights, batch, base_output, backend, (q_size, kv_size))
 
 
 def gate_up_expand(
@@ -268,10 +264,25 @@ def gate_up_expand(
 
     Shapes: ``y (s, 2R)``, ``weights (L, 2*inter, R)``, ``base_output (s, 2*inter)``.
     """
-    checks.check_tensor("gate_up_expand", "base_output", base_output, 2)
-    checks.check_gate_up_width("gate_up_expand", base_output)
-    half = base_output.shape[1] // 2
-    _expand("gate_up_expand", y, weights, batch, base_output, [0, half, 2 * half], backend, ())
+    _expand("gate_up_expand", y, weights, batch, base_output, backend, ())
+
+
+# ---- embedding_a ------------------------------------------------------------------------------
+
+
+def _embedding_a_fake(token_ids, weights, token_adapter, adapter_rank, backend):
+    checks.check_embedding_args("embedding_a", token_ids, weights, token_adapter, adapter_rank, backend)
+    return weights.new_empty(token_ids.shape[0], weights.shape[1])
+
+
+def _embedding_a_impl(token_ids, weights, token_adapter, adapter_rank, backend):
+    checks.check_embedding_args("embedding_a", token_ids, weights, token_adapter, adapter_rank, backend)
+    if backend == "torch_native":
+        return torch_native.embedding_a(token_ids, weights, token_adapter, adapter_rank)
+    return _triton_kernels().embedding.launch(token_ids, weights, token_adapter, adapter_rank)
+
+
+_register("embedding_a", _embedding_a_fake, _embedding_a_impl)
 
 
 def embedding_a(
@@ -292,9 +303,10 @@ def embedding_a(
         ``y (s, R)`` in the weights' dtype, zero beyond each rank and for tokens without adapter.
     """
     op = "embedding_a"
-    checks.check_tensor(op, "token_ids", token_ids, 1, dtypes=(torch.int32, torch.int64))
-    name = _resolve_for(op, "weights", weights, batch, backend, ndim=3)
-    checks.check_embedding(op, token_ids, weights, batch.token_adapter, batch.adapter_rank)
+    checks.check_tensor(op, "token_ids", token_ids, 1, dtypes=checks.INDEX_DTYPES)
+    checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
-    return torch.ops.lora.embedding_a(token_ids, weights, batch.token_adapter, batch.adapter_rank, name)
+    decision = resolve(op, batch, weights, backend)
+    return torch.ops.lora.embedding_a(token_ids, weights, batch.token_adapter, batch.adapter_rank,
+                                      decision.backend)

@@ -37,9 +37,10 @@ SHRINK_CASES = [
     ({"weights": torch.randn(3, 16, 16, device=D)}, r"weights.shape\[0\] \(adapter slots\) must match the batch's slots: expected 2, got 3"),
     ({"weights": torch.randn(2, 16, 8, device=D)}, r"weights.shape\[2\] \(in features\) must match x.shape\[1\]: expected 16, got 8"),
     ({"weights": torch.randn(2, 8, 16, device=D)}, r"adapter rank 8 exceeds the weights' max rank R=4"),
-    ({"num_slices": 3}, r"num_slices must be a positive int dividing weights.shape\[1\] = 16, got 3"),
-    ({"num_slices": 0}, r"num_slices must be a positive int"),
-    ({"x": [[1.0]]}, r"x must be a torch.Tensor, got list"),
+    ({"num_slices": 3}, r"num_slices must be an int in \[1, 3\] dividing weights.shape\[1\] = 16, got 3"),
+    ({"num_slices": 0}, r"num_slices must be an int in \[1, 3\]"),
+    ({"num_slices": 4, "weights": torch.randn(2, 16, 16, device=D)}, r"num_slices must be an int in \[1, 3\]"),
+    ({"weights": [[1.0]]}, r"weights must be a torch.Tensor, got list"),
 ]
 
 
@@ -90,9 +91,14 @@ def test_embedding_rejects(batch):
         lora_ops.embedding_a(torch.arange(5, device=D), torch.randn(2, 4, 50, device=D), batch)
 
 
+def test_x_that_is_not_a_tensor_is_named(batch):
+    with pytest.raises(RuntimeError, match=r"Expected a value of type 'Tensor' for argument 'x'"):
+        lora_ops.sgmv_shrink([[1.0]], torch.randn(2, 16, 16, device=D), batch, 2)
+
+
 def test_batch_on_another_device_is_rejected():
     batch = lora_ops.LoRABatch.build([2], [0], [4], [1.0], device="meta")
-    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: batch metadata is on meta but x is on cpu"):
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: batch metadata \(token_adapter\) is on meta but x is on cpu"):
         lora_ops.sgmv_shrink(torch.randn(2, 8), torch.randn(1, 4, 8), batch)
 
 
@@ -119,7 +125,7 @@ def test_batch_validation(overrides, message):
 
 def test_unknown_and_unavailable_backends_list_every_choice(batch, monkeypatch):
     x, A = torch.randn(5, 16, device=D), torch.randn(2, 16, 16, device=D)
-    with pytest.raises(lora_ops.BackendError, match=r"unknown backend 'cuda'; choices: torch_native, triton, csgmv or 'auto'"):
+    with pytest.raises(lora_ops.BackendError, match=r"unknown backend 'cuda'; choices: torch_native, triton, csgmv, 'auto'"):
         lora_ops.sgmv_shrink(x, A, batch, 2, backend="cuda")
     if D == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -133,33 +139,34 @@ def test_unknown_and_unavailable_backends_list_every_choice(batch, monkeypatch):
         )
 
 
-def test_raw_op_rejects_unknown_backend(batch):
-    plan = batch.plan("triton")
-    with pytest.raises(ValueError, match=r"backend must be 'torch_native', 'triton' or 'csgmv', got 'auto'"):
-        torch.ops.lora.sgmv_shrink(torch.randn(5, 16, device=D), torch.randn(2, 16, 16, device=D), batch.token_adapter,
-                                   plan.token_order, plan.chunk_adapter, plan.chunk_start, plan.chunk_len,
-                                   batch.adapter_rank, 2, plan.chunk_size, "auto")
+@pytest.mark.parametrize("backend,kernel", [("auto", "chunk"), ("triton", "torch"), ("torch_native", "chunk")])
+def test_raw_op_rejects_unresolved_backend(batch, backend, kernel):
+    with pytest.raises(lora_ops.LoRAArgumentError, match=rf"^sgmv_shrink: backend '{backend}' with kernel '{kernel}' is not a resolved choice"):
+        torch.ops.lora.sgmv_shrink(torch.randn(5, 16, device=D), torch.randn(2, 16, 16, device=D),
+                                   *batch.op_metadata("segment"), 2, batch.chunk_size, backend, kernel)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: backend must be one of torch_native, triton, csgmv, got 'auto'"):
+        torch.ops.lora.embedding_a(torch.arange(5, device=D), torch.randn(2, 8, 50, device=D), batch.token_adapter,
+                                   batch.adapter_rank, "auto")
 
 
 def test_raw_ops_check_shapes_and_metadata(batch):
     """Calling torch.ops.lora.* directly gets the same checks as the Python functions."""
-    plan = batch.plan("torch_native")
-    metadata = [batch.token_adapter, plan.token_order, plan.chunk_adapter, plan.chunk_start,
-                plan.chunk_len, batch.adapter_rank]
+    metadata = list(batch.op_metadata("sorted"))
+    chunk_size = batch.chunk_size
     x, A = torch.randn(5, 16, device=D), torch.randn(2, 8, 16, device=D)
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: weights.shape\[2\] \(in features\) must match x.shape\[1\]: expected 12, got 16"):
-        torch.ops.lora.sgmv_shrink(torch.randn(5, 12, device=D), A, *metadata, 2, plan.chunk_size, "triton")
+        torch.ops.lora.sgmv_shrink(torch.randn(5, 12, device=D), A, *metadata, 2, chunk_size, "triton", "chunk")
     bad = list(metadata)
-    bad[3] = plan.chunk_start.long()
+    bad[3] = metadata[3].long()
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: chunk_start must have dtype int32, got torch.int64"):
-        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, plan.chunk_size, "csgmv")
-    bad[3] = plan.chunk_start[:-1]
+        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, chunk_size, "csgmv", "chunk")
+    bad[3] = metadata[3][:-1]
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_shrink: chunk_start.shape\[0\] must match chunk_adapter.shape\[0\]"):
-        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, plan.chunk_size, "csgmv")
+        torch.ops.lora.sgmv_shrink(x, A, *bad, 2, chunk_size, "csgmv", "chunk")
     y, B, base = torch.randn(5, 16, device=D), torch.randn(2, 20, 8, device=D), torch.randn(5, 20, device=D)
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^qkv_expand: q_size \+ 2\*kv_size must equal base_output.shape\[1\] = 20"):
-        torch.ops.lora.qkv_expand(base, y, B, *metadata, batch.adapter_scaling, 10, 4, plan.chunk_size, "triton")
+        torch.ops.lora.qkv_expand(base, y, B, *metadata, batch.adapter_scaling, 10, 4, chunk_size, "triton", "chunk")
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^sgmv_expand: adapter_scaling must have dtype float32, got torch.float64"):
-        torch.ops.lora.sgmv_expand(base, y, B, *metadata, batch.adapter_scaling.double(), [0, 12, 20], plan.chunk_size, "triton")
+        torch.ops.lora.sgmv_expand(base, y, B, *metadata, batch.adapter_scaling.double(), [0, 12, 20], chunk_size, "triton", "per_token")
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: token_ids.shape\[0\] \(tokens\) must match the batch's token count: expected 5, got 4"):
         torch.ops.lora.embedding_a(torch.arange(4, device=D), torch.randn(2, 8, 50, device=D), batch.token_adapter, batch.adapter_rank, "triton")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import DEVICE, HAS_TRITON, SCENARIOS, make_batch
+from conftest import SCENARIOS, make_batch, requires_cuda
 
 
 def expected_runs(adapter_in_order, chunk_size):
@@ -65,30 +65,18 @@ def test_default_chunk_size_rule():
     assert [lora_ops.default_chunk_size(s) for s in (1, 64, 65, 256, 257, 1024, 1025, 8192)] == [16, 16, 32, 32, 64, 64, 64, 64]
 
 
-def test_auto_backend_rule():
-    decode = lora_ops.LoRABatch.build([1] * 8, [0, 1, 0, 1, 0, 1, 0, 1], [4, 4], [1.0, 1.0])
-    prefill = lora_ops.LoRABatch.build([100, 100], [0, 1], [4, 4], [1.0, 1.0])
-    cpu = torch.device("cpu")
-    cuda = torch.device("cuda")
-    assert lora_ops.resolve("auto", cpu, torch.float16, decode) == "torch_native"
-    assert decode.prefers_adapter_sorting and not prefill.prefers_adapter_sorting
-    if torch.cuda.is_available():
-        assert lora_ops.resolve("auto", cuda, torch.bfloat16, decode) == "csgmv"
-        assert lora_ops.resolve("auto", cuda, torch.bfloat16, prefill) == "triton"
+def test_plan_names_are_checked():
+    batch = lora_ops.LoRABatch.build([2], [0], [4], [1.0])
+    assert batch.plan("segment") is batch.segment_plan and batch.plan("sorted") is batch.sorted_plan
+    for wrong in ("auto", "triton", "segmnet"):
+        with pytest.raises(ValueError, match=rf"plan must be 'segment' or 'sorted', got '{wrong}'"):
+            batch.plan(wrong)
 
 
-def test_use_backend_sets_the_default_for_a_block():
-    batch = lora_ops.LoRABatch.build([2], [0], [4], [1.0], device=DEVICE)
-    device = torch.device(DEVICE)
-    auto = lora_ops.resolve("auto", device, torch.float32, batch)
-    assert lora_ops.resolve(None, device, torch.float32, batch) == auto
-    with lora_ops.use_backend("torch_native"):
-        assert lora_ops.resolve(None, device, torch.float32, batch) == "torch_native"
-        assert lora_ops.resolve("auto", device, torch.float32, batch) == auto
-    if HAS_TRITON:
-        with lora_ops.use_backend("csgmv"):
-            assert lora_ops.resolve(None, device, torch.float32, batch) == "csgmv"
-    assert lora_ops.resolve(None, device, torch.float32, batch) == auto
-    with pytest.raises(lora_ops.BackendError, match="unknown backend 'fast'"):
-        with lora_ops.use_backend("fast"):
-            pass
+@requires_cuda
+def test_metadata_follows_the_device_of_tensor_arguments():
+    lens, ids = torch.tensor([2, 1], device="cuda"), torch.tensor([0, -1], device="cuda")
+    assert lora_ops.LoRABatch.build(lens, ids, [4], [1.0]).device == lens.device
+    assert lora_ops.LoRABatch.build([2, 1], ids, [4], [1.0]).device == lens.device
+    assert lora_ops.LoRABatch.from_token_adapters(ids, [4], [1.0]).device == lens.device
+    assert lora_ops.LoRABatch.build([2, 1], [0, -1], [4], [1.0]).device.type == "cpu"

@@ -1,0 +1,59 @@
+"""Pieces every kernel shares: program ids, chunk rows, the clamped rank, the dot, the grid."""
+
+import torch
+import triton
+import triton.language as tl
+
+# CUDA caps grid axes y and z at 65535 programs; axis x allows 2**31 - 1. Every grid here is
+# one-dimensional, so tokens, segments and chunks can number in the millions.
+MAX_PROGRAMS = 2**31 - 1
+
+
+@triton.jit
+def tile_and_row_block(NUM_TILES: tl.constexpr):
+    """(tile, row block) of this program in a 1-D grid where the tile varies fastest, so the
+    programs of one chunk or token run together and share its rows in L2."""
+    pid = tl.program_id(0)
+    return pid % NUM_TILES, pid // NUM_TILES
+
+
+@triton.jit
+def chunk_rows(token_order_ptr, start, offs_m, row_mask, PERMUTED: tl.constexpr):
+    """Token rows (int64) of a chunk's positions ``start + offs_m``: the positions themselves in
+    token order, ``token_order[position]`` in the adapter-sorted plan."""
+    positions = start + offs_m
+    if PERMUTED:
+        rows = tl.load(token_order_ptr + positions, mask=row_mask, other=0)
+    else:
+        rows = positions
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def slot_rank(adapter_rank_ptr, adapter, MAX_RANK: tl.constexpr):
+    """Rank of adapter slot ``adapter`` (0 for -1, no adapter), clamped to the weights' max rank
+    so that a rank above R never reads the next slice."""
+    rank = tl.load(adapter_rank_ptr + adapter, mask=adapter >= 0, other=0)
+    return tl.minimum(rank, MAX_RANK)
+
+
+@triton.jit
+def dot(a, b, IEEE_DOT: tl.constexpr):
+    """tl.dot; float32 inputs use IEEE products (TF32 would miss the float32 tolerances)."""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def ieee_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def grid_1d(num_tiles: int, num_row_blocks: int) -> tuple[int]:
+    """The 1-D grid of ``num_tiles`` x ``num_row_blocks`` programs (see tile_and_row_block)."""
+    programs = num_tiles * num_row_blocks
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{num_tiles} tiles x {num_row_blocks} chunks or tokens exceed the "
+                         f"{MAX_PROGRAMS} programs one launch can have")
+    return (programs,)
