@@ -46,9 +46,20 @@ def check_like(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: tor
 
 
 def check_size(op: str, what: str, actual, expected) -> None:
-    """``actual == expected`` for ints or SymInts (a runtime assert while tracing)."""
+    """``actual == expected`` for ints, or SymInts while tracing (a runtime assert there)."""
+    if type(actual) is int and type(expected) is int:  # the eager hot path: skip torch._check
+        if actual != expected:
+            fail(op, f"{what}: expected {expected}, got {actual}")
+        return
     torch._check_with(LoRAArgumentError, actual == expected,
                       lambda: f"{op}: {what}: expected {expected}, got {actual}")
+
+
+def check_no_grad(op: str, *tensors) -> None:
+    """No op has a backward yet: refuse, rather than return silently wrong (zero) gradients."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        fail(op, "an input requires grad, but lora ops have no backward yet; call them under "
+                 "torch.no_grad() / torch.inference_mode() or detach the inputs")
 
 
 def check_backend(op: str, backend: str, kernel: str) -> None:
@@ -61,17 +72,22 @@ def check_backend(op: str, backend: str, kernel: str) -> None:
 def check_metadata(op: str, name: str, tensor, token_adapter, token_order, chunk_adapter,
                    chunk_start, chunk_len, adapter_rank) -> None:
     """The batch metadata (int32, 1-D, on ``tensor``'s device) fits ``tensor``'s tokens."""
-    for meta_name, meta in (("token_adapter", token_adapter), ("token_order", token_order),
-                            ("chunk_adapter", chunk_adapter), ("chunk_start", chunk_start),
-                            ("chunk_len", chunk_len), ("adapter_rank", adapter_rank)):
-        check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
-        if meta.device != tensor.device:
-            fail(op, f"batch metadata ({meta_name}) is on {meta.device} but {name} is on {tensor.device}")
+    _check_index_tensors(op, name, tensor, (("token_adapter", token_adapter), ("token_order", token_order),
+                                            ("chunk_adapter", chunk_adapter), ("chunk_start", chunk_start),
+                                            ("chunk_len", chunk_len), ("adapter_rank", adapter_rank)))
     num_tokens = token_adapter.shape[0]
     check_size(op, f"{name}.shape[0] (tokens) must match the batch's token count", tensor.shape[0], num_tokens)
     check_size(op, "token_order.shape[0] must match the batch's token count", token_order.shape[0], num_tokens)
     check_size(op, "chunk_start.shape[0] must match chunk_adapter.shape[0]", chunk_start.shape[0], chunk_adapter.shape[0])
     check_size(op, "chunk_len.shape[0] must match chunk_adapter.shape[0]", chunk_len.shape[0], chunk_adapter.shape[0])
+
+
+def _check_index_tensors(op: str, name: str, tensor, named_metadata) -> None:
+    device = tensor.device
+    for meta_name, meta in named_metadata:
+        if meta.dtype != torch.int32 or meta.dim() != 1 or meta.device != device:  # one test, then why
+            check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
+            fail(op, f"batch metadata ({meta_name}) is on {meta.device} but {name} is on {device}")
 
 
 def check_slots(op: str, weights, adapter_rank) -> None:
@@ -95,6 +111,7 @@ def check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter,
     check_slots(op, weights, adapter_rank)
     check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
     check_backend(op, backend, kernel)
+    check_no_grad(op, x, weights)
 
 
 def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
@@ -130,6 +147,7 @@ def check_expand_args(op, base_output, y, weights, token_adapter, token_order, c
     check_size(op, "weights.shape[1] (out features) must match base_output.shape[1]", weights.shape[1], base_output.shape[1])
     check_size(op, f"y.shape[1] must be {num_slices} slices x weights.shape[2] (R)", y.shape[1], num_slices * weights.shape[2])
     check_backend(op, backend, kernel)
+    check_no_grad(op, base_output, y, weights)
 
 
 def qkv_offsets(op: str, base_output, q_size, kv_size) -> list:
@@ -151,14 +169,12 @@ def check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, ba
     check_tensor(op, "weights", weights, 3)
     if weights.device != token_ids.device:
         fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
-    for meta_name, meta in (("token_adapter", token_adapter), ("adapter_rank", adapter_rank)):
-        check_tensor(op, meta_name, meta, 1, dtypes=(torch.int32,))
-        if meta.device != token_ids.device:
-            fail(op, f"batch metadata ({meta_name}) is on {meta.device} but token_ids is on {token_ids.device}")
+    _check_index_tensors(op, "token_ids", token_ids, (("token_adapter", token_adapter), ("adapter_rank", adapter_rank)))
     check_size(op, "token_ids.shape[0] (tokens) must match the batch's token count", token_ids.shape[0], token_adapter.shape[0])
     check_slots(op, weights, adapter_rank)
     if backend not in BACKEND_KERNELS:
         fail(op, f"backend must be one of {', '.join(BACKEND_KERNELS)}, got {backend!r}")
+    check_no_grad(op, weights)
 
 
 def check_rank(op: str, batch, max_rank: int, where: str) -> None:

@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -72,8 +73,7 @@ BACKEND_INFO = {
 }
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):  # a tuple: cheap to build on every call
     """What runs an op for one batch: backend, chunk plan, kernel family, and why."""
 
     op: str

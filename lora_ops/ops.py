@@ -19,7 +19,8 @@ Conventions shared by every op and every backend:
 - The metadata tensors come from a ``LoRABatch`` (``batch.op_metadata(plan)``); ``backend`` and
   ``kernel`` are a resolved decision (``lora_ops.dispatch.resolve``), never ``auto``.
 - No op has a backward yet: called with inputs that require grad (and grad mode on), every op
-  raises instead of returning silently wrong (zero) gradients.
+  raises instead of returning silently wrong (zero) gradients (``checks.check_no_grad``, part of
+  each op's check, so eager calls and tracing both refuse).
 """
 
 from __future__ import annotations
@@ -57,20 +58,6 @@ def _register(name: str, fake, impl) -> None:
     torch.library.register_fake(f"lora::{name}", fake, lib=_lib)
     for device in ("CPU", "CUDA"):
         _lib.impl(name, impl, device)
-    _lib.impl(name, _refuse_grad(name), "Autograd", with_keyset=True)
-
-
-def _refuse_grad(name: str):
-    """Autograd kernel until backward formulas exist: refuse inputs that require grad."""
-    op = getattr(torch.ops.lora, name).default
-
-    def autograd_kernel(keyset, *args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            checks.fail(name, "an input requires grad, but lora ops have no backward yet; call "
-                              "them under torch.no_grad() / torch.inference_mode() or detach the inputs")
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    return autograd_kernel
 
 
 def _triton_kernels():
