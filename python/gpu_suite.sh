@@ -3,6 +3,7 @@
 # the whole pytest suite on the GPU, the GPU tests again under compute-sanitizer memcheck, then
 # the benchmark. Logs and bench results go to $OUT (or bench_results/ when OUT is unset).
 # Usage: bash python/gpu_suite.sh [tests|sanitizer|bench]...   (default: all three)
+#        BENCH_ARGS='--time-budget 200' bash python/gpu_suite.sh bench   (arguments for bench.py)
 set -uo pipefail
 out=${OUT:-bench_results}
 mkdir -p "$out"
@@ -15,7 +16,7 @@ for step in "${@:-tests sanitizer bench}"; do
       sanitizer) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:logging \
           tests/test_parity.py tests/test_cuda_graphs.py -k "real_sizes or replay" 2>&1 \
           | tee "$out/sanitizer.txt" | tail -6 || status=1 ;;
-      bench) python3 python/bench.py 2>&1 | tee "$out/bench_log.txt" | tail -60 || status=1 ;;
+      bench) python3 python/bench.py ${BENCH_ARGS:-} 2>&1 | tee "$out/bench_log.txt" | tail -60 || status=1 ;;
     esac
   done
 done

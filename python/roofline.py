@@ -1,8 +1,9 @@
 """The roofline model the benchmark reports against, and the two machine rates it needs.
 
-Byte model (ANCHORS.md, issue B): x read once, the active adapters' weights once (rank-r rows or
-columns only, only adapters that have tokens), the intermediate y once (written by shrink, read
-by expand), the base output read and written once (expand only, tokens with an adapter).
+Byte model (the one the anchors' numbers use): x read once, the active adapters' weights once
+(rank-r rows or columns only, only adapters that have tokens), the intermediate y once (written
+by shrink, read by expand), the base output read and written once (expand only, tokens with an
+adapter).
 Roofline time = max(bytes / copy bandwidth, flops / bf16 matmul rate), both measured in the
 same run as the kernels; the copy-only roofline (bytes / copy bandwidth) is what the anchors use.
 """

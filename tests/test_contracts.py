@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_ops
-from torch.utils._python_dispatch import TorchDispatchMode
+from lora_ops.testing import RecordLoraCalls
 from conftest import DEVICE, OP_CASES, SCENARIOS, Dims, backends_for, fresh_generator, make_batch
 
 EXPECTED_OPS = ["sgmv_shrink", "sgmv_expand", "qkv_expand", "gate_up_expand", "embedding_a"]
@@ -25,17 +25,6 @@ def test_expand_ops_declare_in_place_accumulation():
         assert not schema.returns
 
 
-class _RecordOpCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "lora":
-            self.calls.append((func, args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", backends_for(torch.float32))
 def test_opcheck(op_case, backend):
@@ -44,7 +33,7 @@ def test_opcheck(op_case, backend):
     gen, _ = fresh_generator()
     batch = make_batch(scenario)
     inputs = op_case.build(batch, Dims(), torch.float32, gen)
-    with _RecordOpCalls() as recorder:
+    with RecordLoraCalls() as recorder:
         op_case.run(inputs, batch, backend)
     assert len(recorder.calls) == 1
     op, args, kwargs = recorder.calls[0]
@@ -59,7 +48,7 @@ def test_fake_matches_real(op_case):
     gen, _ = fresh_generator()
     batch = make_batch(SCENARIOS[0])
     inputs = op_case.build(batch, Dims(), torch.float16, gen)
-    with _RecordOpCalls() as recorder:
+    with RecordLoraCalls() as recorder:
         real = op_case.run(inputs, batch, "torch_native")
     op, args, kwargs = recorder.calls[0]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -69,3 +58,64 @@ def test_fake_matches_real(op_case):
         assert op._schema.returns == []
     else:
         assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+
+
+def _recorded_call(op_case, backend, dtype=torch.float32):
+    gen, _ = fresh_generator()
+    batch = make_batch(SCENARIOS[0])
+    inputs = op_case.build(batch, Dims(), dtype, gen)
+    with RecordLoraCalls() as recorder:
+        op_case.run(inputs, batch, backend)
+    return recorder.calls[0]
+
+
+@pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
+def test_inputs_that_require_grad_are_refused(op_case, backend):
+    """No backward exists yet: a silent zero gradient would be wrong, so the op refuses."""
+    op, args, kwargs = _recorded_call(op_case, backend)
+    float_inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                    and a.dim() >= 2]
+    for i in float_inputs:
+        grad_args = list(args)
+        grad_args[i] = args[i].clone().requires_grad_()
+        if op._schema.arguments[i].alias_info is not None:  # in-place base output: a non-leaf
+            grad_args[i] = grad_args[i] * 1
+        with pytest.raises(lora_ops.LoRAArgumentError, match=r"requires grad, but lora ops have no backward yet"):
+            op(*grad_args, **kwargs)
+        with torch.no_grad():
+            op(*grad_args, **kwargs)  # fine without grad mode
+
+
+def test_requires_grad_is_refused_under_compile():
+    op, args, kwargs = _recorded_call(OP_CASES[0], "torch_native")
+    x = args[0].clone().requires_grad_()
+    compiled = torch.compile(lambda x: op(x, *args[1:], **kwargs), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"requires grad, but lora ops have no backward yet"):
+        compiled(x)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fakes_reject_wrong_shapes_while_tracing(dynamic):
+    """The fake runs the op's argument check, so torch.compile fails at trace time with the same
+    message as eager, before any kernel runs."""
+    torch._dynamo.reset()
+    op, args, kwargs = _recorded_call(OP_CASES[0], "torch_native")  # shrink, 1 slice
+    x, weights = args[0], args[1]
+    cases = [
+        ((x[:, :-1].contiguous(), weights), r"weights.shape\[2\] \(in features\) must match x.shape\[1\]"),
+        ((x[:-1].contiguous(), weights), r"x.shape\[0\] \(tokens\) must match the batch's token count"),
+        ((x.double(), weights.double()), r"x must have dtype float16, bfloat16, float32"),
+    ]
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    for (bad_x, bad_weights), message in cases:
+        compiled = torch.compile(lambda a, b: op(a, b, *args[2:], **kwargs), backend=record,
+                                 fullgraph=True, dynamic=dynamic)
+        with pytest.raises(Exception, match=message):
+            compiled(bad_x, bad_weights)
+    assert graphs == [], "a wrong shape got past tracing"
