@@ -21,4 +21,6 @@ __all__ = [
     "AUTO", "BACKENDS", "BACKEND_INFO", "BackendError", "ChunkPlan", "Decision",
     "LoRAArgumentError", "LoRABatch", "SCHEMAS", "default_chunk_size", "embedding_a", "explain",
     "gate_up_expand", "qkv_expand", "resolve", "sgmv_expand", "sgmv_shrink", "use_backend",
+    "AdapterError", "AdapterPool", "LoRAEmbedding", "LoRAGateUpLinear", "LoRALMHead", "LoRALinear",
+    "LoRAMergedSlice", "LoRAQKVLinear", "add_lora", "merge_linears", "patch_model",
 ]
