@@ -14,6 +14,17 @@ Plans are computed from ``token_adapter`` with device ops only (no host synchron
 number of chunks is a static upper bound — ``cdiv(s, chunk_size)`` plus the number of runs
 (``max_segments``, or ``L + 1`` adapter groups once sorted), and never more than ``s`` since a chunk
 holds at least one token — and unused chunks have length 0.
+
+Two kinds of batch:
+
+- *per-step* (``build``, ``from_token_adapters``): sized for its own contents, validated on the
+  host; ``max_rank`` and ``auto``'s preference come from the contents.
+- *fixed-capacity* (``empty``, then ``update_`` every step): sized once for at most ``max_tokens``
+  tokens in ``max_seqs`` sequences, for CUDA graphs and ``torch.compile``. ``update_`` rewrites
+  the tensors in place (same data pointers, no host synchronisation on the GPU path); tokens past
+  the live count are padding with adapter -1. Everything a graph or a compiled function reads on
+  the host — sizes, ``chunk_size``, ``max_rank`` (the bound ranks may reach), ``auto``'s
+  preference (from the plans' sizes) — is fixed at allocation, so it holds for every update.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+CHUNK_SIZES = (16, 32, 64, 128)
 
 
 def default_chunk_size(num_tokens: int) -> int:
@@ -43,38 +56,46 @@ class ChunkPlan:
     chunk_start: torch.Tensor  # (C,) int32
     chunk_len: torch.Tensor  # (C,) int32, 0 = unused chunk
     chunk_size: int
-    chunks_needed: int  # chunks this batch's contents use (host value, for explanations)
+    # chunks this batch's contents use (host value, for explanations); None for a fixed-capacity
+    # batch, whose contents may be updated on the device
+    chunks_needed: int | None
 
     @property
     def num_chunks(self) -> int:
         return self.chunk_adapter.shape[0]
 
+    @classmethod
+    def empty(cls, num_tokens: int, num_chunks: int, chunk_size: int, device) -> ChunkPlan:
+        def table():
+            return torch.zeros(num_chunks, dtype=torch.int32, device=device)
 
-def _cut_runs_into_chunks(
-    adapter_in_order: torch.Tensor, chunk_size: int, max_chunks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunk table of the runs of equal adapter in ``adapter_in_order``; device ops only."""
-    device = adapter_in_order.device
-    num_positions = adapter_in_order.shape[0]
-    chunk_adapter = torch.full((max_chunks,), -1, dtype=torch.int64, device=device)
-    chunk_start = torch.zeros(max_chunks, dtype=torch.int64, device=device)
-    chunk_len = torch.zeros(max_chunks, dtype=torch.int64, device=device)
-    if num_positions > 0:
-        position = torch.arange(num_positions, device=device)
-        starts_run = torch.ones(num_positions, dtype=torch.bool, device=device)
-        starts_run[1:] = adapter_in_order[1:] != adapter_in_order[:-1]
-        run_start = torch.cummax(torch.where(starts_run, position, 0), dim=0).values
-        starts_chunk = (position - run_start) % chunk_size == 0
-        chunk_index = torch.cumsum(starts_chunk, dim=0) - 1
-        chunk_start.fill_(num_positions).scatter_reduce_(0, chunk_index, position, "amin")
-        chunk_len.scatter_add_(0, chunk_index, torch.ones_like(position))
-        chunk_adapter.scatter_reduce_(0, chunk_index, adapter_in_order, "amax")
-        chunk_start.masked_fill_(chunk_len == 0, 0)
-    return (
-        chunk_adapter.to(torch.int32),
-        chunk_start.to(torch.int32),
-        chunk_len.to(torch.int32),
-    )
+        return cls(torch.arange(num_tokens, dtype=torch.int32, device=device), table(), table(), table(),
+                   chunk_size, None)
+
+    def cut_runs_(self, adapter_in_order: torch.Tensor) -> None:
+        """Rewrite the chunk table, in place, as the runs of equal adapter in ``adapter_in_order``
+        (the adapter at each position) cut every ``chunk_size``; device ops only."""
+        device = adapter_in_order.device
+        num_positions, max_chunks = adapter_in_order.shape[0], self.num_chunks
+        chunk_adapter = torch.full((max_chunks,), -1, dtype=torch.int64, device=device)
+        chunk_start = torch.zeros(max_chunks, dtype=torch.int64, device=device)
+        chunk_len = torch.zeros(max_chunks, dtype=torch.int64, device=device)
+        if num_positions > 0 and max_chunks > 0:
+            position = torch.arange(num_positions, device=device)
+            starts_run = torch.ones(num_positions, dtype=torch.bool, device=device)
+            starts_run[1:] = adapter_in_order[1:] != adapter_in_order[:-1]
+            run_start = torch.cummax(torch.where(starts_run, position, 0), dim=0).values
+            starts_chunk = (position - run_start) % self.chunk_size == 0
+            # Clamped: a batch over its bound (unchecked on update_'s device path) gets wrong
+            # chunks for its last tokens, never a write out of bounds.
+            chunk_index = (torch.cumsum(starts_chunk, dim=0) - 1).clamp_(max=max_chunks - 1)
+            chunk_start.fill_(num_positions).scatter_reduce_(0, chunk_index, position, "amin")
+            chunk_len.scatter_add_(0, chunk_index, torch.ones_like(position))
+            chunk_adapter.scatter_reduce_(0, chunk_index, adapter_in_order.long(), "amax")
+            chunk_start.masked_fill_(chunk_len == 0, 0)
+        self.chunk_adapter.copy_(chunk_adapter)
+        self.chunk_start.copy_(chunk_start)
+        self.chunk_len.copy_(chunk_len)
 
 
 def _device_of(*values) -> torch.device:
@@ -98,12 +119,65 @@ def _as_cpu_tensor(values, name: str, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype)
 
 
+def _checked_sequences(seq_lens, adapter_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, adapter per sequence) as CPU int64 tensors, of equal length, lengths >= 0."""
+    lengths = _as_cpu_tensor(seq_lens, "seq_lens", torch.int64)
+    seq_adapter = _as_cpu_tensor(adapter_ids, "adapter_ids", torch.int64)
+    if lengths.shape != seq_adapter.shape:
+        raise ValueError(
+            f"seq_lens and adapter_ids must have one entry per sequence, got "
+            f"{lengths.shape[0]} and {seq_adapter.shape[0]}"
+        )
+    if lengths.numel() and lengths.min() < 0:
+        raise ValueError(f"seq_lens must be non-negative, got {lengths.tolist()}")
+    return lengths, seq_adapter
+
+
+def _check_adapter_ids(token_adapter: torch.Tensor, num_slots: int) -> None:
+    if token_adapter.numel() and (token_adapter.min() < -1 or token_adapter.max() >= num_slots):
+        bad = token_adapter[(token_adapter < -1) | (token_adapter >= num_slots)]
+        raise ValueError(
+            f"adapter ids must be -1 (no adapter) or a slot in [0, {num_slots}), got {bad.unique().tolist()}"
+        )
+
+
+def _checked_slots(ranks, scalings, max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks int64, scalings float32) on the CPU: one entry per slot, ranks in [0, max_rank]."""
+    rank = _as_cpu_tensor(ranks, "ranks", torch.int64)
+    scaling = _as_cpu_tensor(scalings, "scalings", torch.float32)
+    if scaling.shape[0] != rank.shape[0]:
+        raise ValueError(f"scalings must have one entry per adapter slot ({rank.shape[0]}), got {scaling.shape[0]}")
+    if rank.numel() and rank.min() < 0:
+        raise ValueError(f"ranks must be non-negative, got {rank.tolist()}")
+    if max_rank is not None and rank.numel() and rank.max() > max_rank:
+        raise ValueError(f"ranks {rank.tolist()} exceed the batch's max_rank {max_rank}")
+    if not torch.isfinite(scaling).all():
+        raise ValueError(f"scalings must be finite, got {scaling.tolist()}")
+    return rank, scaling
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got {chunk_size}")
+
+
+def _plan_sizes(num_tokens: int, max_segments: int, num_slots: int, chunk_size: int) -> tuple[int, int]:
+    """Static chunk counts of the (segment, sorted) plans: runs cut every ``chunk_size`` take at
+    most ``cdiv(s, chunk_size) + runs - 1`` chunks, with at most ``max_segments + 1`` runs in
+    token order (the +1: padding or no-adapter tokens after the last sequence) and ``L + 1``
+    adapter groups once sorted; never more than ``s``."""
+    tiles = math.ceil(num_tokens / chunk_size)
+    return min(tiles + max_segments, num_tokens), min(tiles + num_slots + 1, num_tokens)
+
+
 @dataclass(eq=False)
 class LoRABatch:
     """Per-batch LoRA metadata: which adapter each token uses, and the backends' chunk plans.
 
     Build it once per forward with ``LoRABatch.build`` (per sequence) or
-    ``LoRABatch.from_token_adapters`` (per token) and pass it to every LoRA op of the forward.
+    ``LoRABatch.from_token_adapters`` (per token) and pass it to every LoRA op of the forward;
+    or, for CUDA graphs and ``torch.compile``, allocate one with ``LoRABatch.empty`` and
+    ``update_`` it before every step.
     """
 
     token_adapter: torch.Tensor  # (s,) int32
@@ -111,9 +185,12 @@ class LoRABatch:
     adapter_scaling: torch.Tensor  # (L,) float32
     segment_plan: ChunkPlan
     sorted_plan: ChunkPlan
-    max_rank: int
-    # True when sorting tokens by adapter needs fewer chunks than token order (auto -> csgmv).
+    max_rank: int  # no slot's rank exceeds it (the weights' R must be at least this)
+    # True when auto runs csgmv (the sorted plan): sorting the tokens by adapter needs fewer
+    # chunks than token order -- for this batch's contents, or for a fixed-capacity batch, at
+    # its static plan sizes.
     prefers_adapter_sorting: bool
+    max_seqs: int | None = None  # sequences a fixed-capacity batch holds; None: a per-step batch
 
     @property
     def num_tokens(self) -> int:
@@ -127,29 +204,9 @@ class LoRABatch:
     def device(self) -> torch.device:
         return self.token_adapter.device
 
-    def copy_(self, other: LoRABatch) -> LoRABatch:
-        """Copy another batch's metadata into this one's tensors, in place.
-
-        For CUDA graphs: capture with one batch, then before each replay copy the next batch
-        (same token count, slots, chunk size and ``max_segments``) into the captured one.
-        """
-        pairs = [(self.token_adapter, other.token_adapter), (self.adapter_rank, other.adapter_rank),
-                 (self.adapter_scaling, other.adapter_scaling)]
-        for mine, theirs in ((self.segment_plan, other.segment_plan), (self.sorted_plan, other.sorted_plan)):
-            if mine.chunk_size != theirs.chunk_size:
-                raise ValueError(f"copy_: chunk_size differs ({mine.chunk_size} vs {theirs.chunk_size})")
-            pairs += [(mine.token_order, theirs.token_order), (mine.chunk_adapter, theirs.chunk_adapter),
-                      (mine.chunk_start, theirs.chunk_start), (mine.chunk_len, theirs.chunk_len)]
-        for mine, theirs in pairs:
-            if mine.shape != theirs.shape:
-                raise ValueError(f"copy_: metadata shapes differ ({tuple(mine.shape)} vs {tuple(theirs.shape)}): "
-                                 "batches need equal token counts, slots and max_segments")
-        for mine, theirs in pairs:
-            mine.copy_(theirs)
-            mine.chunks_needed = theirs.chunks_needed
-        self.max_rank = other.max_rank
-        self.prefers_adapter_sorting = other.prefers_adapter_sorting
-        return self
+    @property
+    def is_fixed_capacity(self) -> bool:
+        return self.max_seqs is not None
 
     @property
     def chunk_size(self) -> int:
@@ -172,6 +229,13 @@ class LoRABatch:
         chunks = self.segment_plan if plan is None else self.plan(plan)
         return (self.token_adapter, chunks.token_order, chunks.chunk_adapter, chunks.chunk_start,
                 chunks.chunk_len, self.adapter_rank)
+
+    def _plan_(self) -> None:
+        """Both chunk plans from ``token_adapter``, in place; device ops only."""
+        self.segment_plan.cut_runs_(self.token_adapter)
+        sort_order = torch.sort(self.token_adapter, stable=True).indices
+        self.sorted_plan.token_order.copy_(sort_order)
+        self.sorted_plan.cut_runs_(self.token_adapter[sort_order])
 
     @classmethod
     def build(
@@ -196,15 +260,7 @@ class LoRABatch:
             chunk_size: tokens per chunk; default ``default_chunk_size(total tokens)``.
         """
         device = device or _device_of(seq_lens, adapter_ids)
-        lengths = _as_cpu_tensor(seq_lens, "seq_lens", torch.int64)
-        seq_adapter = _as_cpu_tensor(adapter_ids, "adapter_ids", torch.int64)
-        if lengths.shape != seq_adapter.shape:
-            raise ValueError(
-                f"seq_lens and adapter_ids must have one entry per sequence, got "
-                f"{lengths.shape[0]} and {seq_adapter.shape[0]}"
-            )
-        if lengths.numel() and lengths.min() < 0:
-            raise ValueError(f"seq_lens must be non-negative, got {lengths.tolist()}")
+        lengths, seq_adapter = _checked_sequences(seq_lens, adapter_ids)
         token_adapter = torch.repeat_interleave(seq_adapter, lengths)
         return cls.from_token_adapters(
             token_adapter, ranks, scalings, device=device, chunk_size=chunk_size,
@@ -227,33 +283,16 @@ class LoRABatch:
         Validates on the host once (reads the ids back if they are on a GPU), then builds the
         chunk plans on ``device`` with device ops only. ``max_segments`` bounds the number of
         runs of one adapter in token order (``build`` passes the number of sequences); it sizes
-        the segment plan, so batches with equal token counts and bounds have equal shapes and
-        can be copied into each other's buffers (``copy_``). Default: the runs of this batch.
+        the segment plan. Default: the runs of this batch.
         """
         device = torch.device(device or _device_of(token_adapter_ids))
         token_adapter = _as_cpu_tensor(token_adapter_ids, "token_adapter_ids", torch.int64)
-        rank = _as_cpu_tensor(ranks, "ranks", torch.int64)
-        scaling = _as_cpu_tensor(scalings, "scalings", torch.float32)
+        rank, scaling = _checked_slots(ranks, scalings)
         num_slots = rank.shape[0]
-        if scaling.shape[0] != num_slots:
-            raise ValueError(
-                f"scalings must have one entry per adapter slot ({num_slots}), got {scaling.shape[0]}"
-            )
-        if num_slots and rank.min() < 0:
-            raise ValueError(f"ranks must be non-negative, got {rank.tolist()}")
-        if not torch.isfinite(scaling).all():
-            raise ValueError(f"scalings must be finite, got {scaling.tolist()}")
-        if token_adapter.numel() and (token_adapter.min() < -1 or token_adapter.max() >= num_slots):
-            bad = token_adapter[(token_adapter < -1) | (token_adapter >= num_slots)]
-            raise ValueError(
-                f"adapter ids must be -1 (no adapter) or a slot in [0, {num_slots}), "
-                f"got {bad.unique().tolist()}"
-            )
+        _check_adapter_ids(token_adapter, num_slots)
         num_tokens = token_adapter.shape[0]
-        if chunk_size is None:
-            chunk_size = default_chunk_size(num_tokens)
-        if chunk_size not in (16, 32, 64, 128):
-            raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
+        chunk_size = chunk_size or default_chunk_size(num_tokens)
+        _check_chunk_size(chunk_size)
 
         run_lengths = torch.unique_consecutive(token_adapter, return_counts=True)[1]
         if max_segments is None:
@@ -262,32 +301,150 @@ class LoRABatch:
             raise ValueError(
                 f"max_segments ({max_segments}) is below the batch's {run_lengths.numel()} runs of one adapter"
             )
-        adapter_counts = torch.bincount(token_adapter + 1, minlength=num_slots + 1)
-        num_segment_chunks = _num_chunks_needed(run_lengths, chunk_size)
-        num_sorted_chunks = _num_chunks_needed(adapter_counts, chunk_size)
-
-        token_adapter = token_adapter.to(device)
-        tiles = math.ceil(num_tokens / chunk_size)
-        positions = torch.arange(num_tokens, dtype=torch.int32, device=device)
-        segment_plan = ChunkPlan(
-            positions,
-            *_cut_runs_into_chunks(token_adapter, chunk_size, min(tiles + max_segments, num_tokens)),
-            chunk_size,
-            num_segment_chunks,
-        )
-        sort_order = torch.sort(token_adapter, stable=True).indices
-        sorted_plan = ChunkPlan(
-            sort_order.to(torch.int32),
-            *_cut_runs_into_chunks(token_adapter[sort_order], chunk_size, min(tiles + num_slots + 1, num_tokens)),
-            chunk_size,
-            num_sorted_chunks,
-        )
-        return cls(
-            token_adapter=token_adapter.to(torch.int32),
+        segment_chunks, sorted_chunks = _plan_sizes(num_tokens, max_segments, num_slots, chunk_size)
+        batch = cls(
+            token_adapter=token_adapter.to(device=device, dtype=torch.int32),
             adapter_rank=rank.to(device=device, dtype=torch.int32),
             adapter_scaling=scaling.to(device),
-            segment_plan=segment_plan,
-            sorted_plan=sorted_plan,
+            segment_plan=ChunkPlan.empty(num_tokens, segment_chunks, chunk_size, device),
+            sorted_plan=ChunkPlan.empty(num_tokens, sorted_chunks, chunk_size, device),
             max_rank=int(rank.max()) if num_slots else 0,
-            prefers_adapter_sorting=num_sorted_chunks < num_segment_chunks,
+            prefers_adapter_sorting=False,
         )
+        batch._plan_()
+        batch.segment_plan.chunks_needed = _num_chunks_needed(run_lengths, chunk_size)
+        adapter_counts = torch.bincount(token_adapter + 1, minlength=num_slots + 1)
+        batch.sorted_plan.chunks_needed = _num_chunks_needed(adapter_counts, chunk_size)
+        batch.prefers_adapter_sorting = batch.sorted_plan.chunks_needed < batch.segment_plan.chunks_needed
+        return batch
+
+    @classmethod
+    def empty(
+        cls,
+        max_tokens: int,
+        ranks: Sequence[int] | torch.Tensor,
+        scalings: Sequence[float] | torch.Tensor,
+        *,
+        max_seqs: int | None = None,
+        max_rank: int | None = None,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+    ) -> LoRABatch:
+        """A fixed-capacity batch of ``max_tokens`` tokens, all padding (no adapter) until
+        ``update_`` writes a step's contents.
+
+        Args:
+            max_tokens: the token count of every forward it serves (a graph's bucket size); the
+                live tokens of a step come first, the rest is padding.
+            ranks, scalings: ``(L,)`` per slot, as in ``build``. Tensors on ``device`` are kept,
+                not copied, so their owner (an ``AdapterPool``) can change them in place.
+            max_seqs: the most sequences a step may have (default ``max_tokens``: any
+                per-token ids fit); it sizes the segment plan.
+            max_rank: the most any slot's rank may become (default: the largest of ``ranks``);
+                the weights' R must be at least this.
+            device: default: the device of ``ranks`` if a tensor, else the CPU.
+            chunk_size: tokens per chunk; default ``default_chunk_size(max_tokens)``.
+        """
+        device = torch.device(device or _device_of(ranks))
+        rank, scaling = _checked_slots(ranks, scalings)
+        num_slots = rank.shape[0]
+        max_seqs = max_tokens if max_seqs is None else max_seqs
+        max_rank = (int(rank.max()) if num_slots else 0) if max_rank is None else max_rank
+        if min(max_tokens, max_seqs, max_rank) < 0:
+            raise ValueError(f"max_tokens, max_seqs and max_rank must be non-negative, "
+                             f"got {max_tokens}, {max_seqs}, {max_rank}")
+        if num_slots and rank.max() > max_rank:
+            raise ValueError(f"ranks {rank.tolist()} exceed max_rank {max_rank}")
+        chunk_size = chunk_size or default_chunk_size(max_tokens)
+        _check_chunk_size(chunk_size)
+
+        def shared(values, as_cpu, dtype):  # a tensor on the device is kept; anything else copied there
+            if isinstance(values, torch.Tensor) and values.device == device and values.dtype == dtype:
+                return values
+            return as_cpu.to(device=device, dtype=dtype)
+
+        segment_chunks, sorted_chunks = _plan_sizes(max_tokens, max_seqs, num_slots, chunk_size)
+        batch = cls(
+            token_adapter=torch.full((max_tokens,), -1, dtype=torch.int32, device=device),
+            adapter_rank=shared(ranks, rank, torch.int32),
+            adapter_scaling=shared(scalings, scaling, torch.float32),
+            segment_plan=ChunkPlan.empty(max_tokens, segment_chunks, chunk_size, device),
+            sorted_plan=ChunkPlan.empty(max_tokens, sorted_chunks, chunk_size, device),
+            max_rank=max_rank,
+            prefers_adapter_sorting=sorted_chunks < segment_chunks,
+            max_seqs=max_seqs,
+        )
+        batch._plan_()
+        return batch
+
+    def update_(
+        self,
+        seq_lens: Sequence[int] | torch.Tensor | None = None,
+        adapter_ids: Sequence[int] | torch.Tensor | None = None,
+        *,
+        token_adapter: torch.Tensor | None = None,
+        ranks: Sequence[int] | torch.Tensor | None = None,
+        scalings: Sequence[float] | torch.Tensor | None = None,
+    ) -> LoRABatch:
+        """Write a step's contents into this fixed-capacity batch, in place (same tensors).
+
+        Give either the step's sequences -- ``seq_lens`` and ``adapter_ids`` per sequence, on
+        the host, checked against the capacity -- or ``token_adapter``, the ``(n,)`` adapter
+        slot of each of the first ``n <= max_tokens`` tokens, possibly already on the GPU.
+        Tokens past the live ones are padding (adapter -1). ``ranks`` / ``scalings`` (host
+        values, one per slot) replace the slots' in place; ranks may not exceed ``max_rank``.
+
+        On the GPU nothing here waits for the device: host values go over with asynchronous
+        copies and the plans are computed by device ops. So ``token_adapter`` is not checked
+        (that would synchronise): an id outside ``[-1, L)`` counts as -1, and the ids must hold
+        at most ``max_seqs`` runs of one adapter in token order (true when each of at most
+        ``max_seqs`` sequences has one adapter; ``max_seqs = max_tokens`` allows any ids).
+        """
+        if not self.is_fixed_capacity:
+            raise ValueError("update_ needs a fixed-capacity batch (LoRABatch.empty or AdapterPool.empty_batch)")
+        if ranks is not None or scalings is not None:
+            self._update_slots(ranks, scalings)
+        if token_adapter is not None:
+            if seq_lens is not None or adapter_ids is not None:
+                raise ValueError("update_: give seq_lens and adapter_ids, or token_adapter, not both")
+            self._update_token_adapter(token_adapter)
+        elif seq_lens is not None or adapter_ids is not None:
+            self._update_sequences(seq_lens, adapter_ids)
+        return self
+
+    def _capacity_error(self, what: str) -> ValueError:
+        return ValueError(f"update_: {what} exceeds the batch's capacity of {self.num_tokens} tokens "
+                          f"in {self.max_seqs} sequences: use a larger batch (bucket)")
+
+    def _update_sequences(self, seq_lens, adapter_ids) -> None:
+        lengths, seq_adapter = _checked_sequences(seq_lens if seq_lens is not None else [],
+                                                  adapter_ids if adapter_ids is not None else [])
+        num_live = int(lengths.sum())
+        if lengths.shape[0] > self.max_seqs or num_live > self.num_tokens:
+            raise self._capacity_error(f"{lengths.shape[0]} sequences of {num_live} tokens")
+        _check_adapter_ids(seq_adapter, self.num_slots)
+        padded = torch.full((self.num_tokens,), -1, dtype=torch.int32)
+        padded[:num_live] = torch.repeat_interleave(seq_adapter, lengths)
+        self.token_adapter.copy_(padded, non_blocking=True)
+        self._plan_()
+
+    def _update_token_adapter(self, token_adapter: torch.Tensor) -> None:
+        if not isinstance(token_adapter, torch.Tensor) or token_adapter.dim() != 1:
+            raise ValueError("update_: token_adapter must be a 1-D tensor of adapter slots")
+        num_live = token_adapter.shape[0]
+        if num_live > self.num_tokens:
+            raise self._capacity_error(f"{num_live} tokens")
+        ids = token_adapter.to(self.device, non_blocking=True)
+        in_range = (ids >= -1) & (ids < self.num_slots)
+        self.token_adapter[:num_live].copy_(torch.where(in_range, ids, -1))
+        self.token_adapter[num_live:].fill_(-1)
+        self._plan_()
+
+    def _update_slots(self, ranks, scalings) -> None:
+        if ranks is None or scalings is None:
+            raise ValueError("update_: give ranks and scalings together")
+        rank, scaling = _checked_slots(ranks, scalings, self.max_rank)
+        if rank.shape[0] != self.num_slots:
+            raise ValueError(f"update_: expected {self.num_slots} ranks (one per slot), got {rank.shape[0]}")
+        self.adapter_rank.copy_(rank, non_blocking=True)
+        self.adapter_scaling.copy_(scaling, non_blocking=True)

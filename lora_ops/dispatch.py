@@ -9,12 +9,18 @@ and a CUDA graph records the kernels that were asked for; nothing inside an op r
 Backends declare what they support as data (``BACKEND_INFO``); a request no backend can serve
 raises ``BackendError`` listing every backend with the reason it was rejected.
 
-The rules (deterministic, from device, dtype and tensor sizes only, never from data values, so a
-decision holds for every batch of the same sizes: CUDA graphs replay it safely):
+The rules (deterministic; the kernel family from device, dtype and tensor sizes only, so it
+holds for every batch of the same sizes and a CUDA graph replays it safely):
 
 - backend ``auto``: CPU tensors -> ``torch_native``. CUDA tensors -> ``csgmv`` when sorting the
   tokens by adapter needs fewer chunks than cutting them in token order (decode batches, and
-  batches whose sequences interleave adapters), else ``triton`` (long segments, no permutation).
+  batches whose sequences interleave adapters), else ``triton`` (long segments, no permutation):
+  ``batch.prefers_adapter_sorting``. A per-step batch (``LoRABatch.build``) sets it from its
+  contents. A fixed-capacity batch (``LoRABatch.empty``, for CUDA graphs and ``torch.compile``)
+  sets it once, from its plans' static sizes (the worst case of any contents: decode buckets,
+  one token per sequence, sort; buckets of few long sequences keep token order), so a graph
+  replays, and a compiled function runs, the backend chosen at capture or trace with any later
+  contents. Both backends are exact for any contents; the choice is only about speed.
 - plan: ``triton`` walks the segment plan (token order), ``csgmv`` the adapter-sorted plan;
   ``torch_native`` reads only the per-token adapter ids.
 - kernel family of the Triton backends (measured on an H200 in bf16, Llama-3-8B shapes; numbers
@@ -123,11 +129,18 @@ def _pick_backend(requested: str, device: torch.device, batch, why: bool) -> tup
         return requested, "requested"
     if device.type != "cuda":
         return "torch_native", why and "auto: tensors are not on a GPU"
-    counts = why and (f"{batch.sorted_plan.chunks_needed} chunks sorted by adapter, "
-                      f"{batch.segment_plan.chunks_needed} in token order")
+    counts = why and _chunk_counts(batch)
     if batch.prefers_adapter_sorting:
         return "csgmv", why and f"auto: sorting by adapter needs fewer chunks ({counts})"
     return "triton", why and f"auto: token order needs no permutation and no more chunks ({counts})"
+
+
+def _chunk_counts(batch) -> str:
+    sorted_plan, segment_plan = batch.sorted_plan, batch.segment_plan
+    if batch.is_fixed_capacity:
+        return (f"fixed-capacity batch, decided by its sizes: at most {sorted_plan.num_chunks} chunks "
+                f"sorted by adapter, {segment_plan.num_chunks} in token order")
+    return f"{sorted_plan.chunks_needed} chunks sorted by adapter, {segment_plan.chunks_needed} in token order"
 
 
 def _pick_kernel(op: str, backend: str, batch, weights: torch.Tensor, why: bool) -> tuple[str, str]:
