@@ -10,6 +10,10 @@ Per-module rank and scaling: adapters may give each module its own rank and alph
 slot. So the pool folds each module's scaling into its B when loading, and gives the batch
 scaling 1 and, as the slot's rank, the largest rank of the adapter's modules; a module of lower
 rank has zeros in its rows and columns beyond its rank, so it gets exactly its own rank's math.
+
+For CUDA graphs and ``torch.compile``, ``empty_batch`` gives a fixed-capacity ``LoRABatch`` that
+reads the pool's own per-slot rank tensor, which ``load`` and ``evict`` change in place: a
+captured graph or compiled model serves newly loaded adapters with their ranks.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class AdapterPool:
         self._targets: dict[str, tuple[ModuleSlots, int | None]] = {}
         self._slots: dict[str, int] = {}
         self._slot_rank = [0] * max_adapters
+        # per-slot rank and scaling (1: folded into B) on self.device, once empty_batch needs them
+        self._slot_rank_tensor: torch.Tensor | None = None
+        self._unit_scalings: torch.Tensor | None = None
         self._request: _Request | None = None
         self.device: torch.device | None = None
 
@@ -166,12 +173,12 @@ class AdapterPool:
             for slots, index, lora in writes:
                 self._write(slots, index, lora, slot)
         self._slots[name] = slot
-        self._slot_rank[slot] = max(lora.rank for _, _, lora in writes)
+        self._set_slot_rank(slot, max(lora.rank for _, _, lora in writes))
         return slot
 
     def evict(self, name: str) -> None:
         """Free ``name``'s slot; the next ``load`` may reuse it."""
-        self._slot_rank[self._slot(name)] = 0
+        self._set_slot_rank(self._slot(name), 0)
         del self._slots[name]
 
     def _checked_target(self, module: str, lora: ModuleLoRA) -> tuple[ModuleSlots, int | None, ModuleLoRA]:
@@ -206,8 +213,29 @@ class AdapterPool:
 
     # ---- choosing adapters per request ----
 
-    def _seq_slots(self, adapter_names: Sequence[str | None]) -> list[int]:
+    def _set_slot_rank(self, slot: int, rank: int) -> None:
+        self._slot_rank[slot] = rank
+        if self._slot_rank_tensor is not None:  # in place: fixed-capacity batches read it
+            self._slot_rank_tensor[slot] = rank
+
+    def slots(self, adapter_names: Sequence[str | None]) -> list[int]:
+        """The slot of each adapter name (``None`` or ``"__base__"``: -1, no adapter), for
+        ``LoRABatch.update_``'s ``adapter_ids``."""
         return [-1 if name in (None, NO_ADAPTER) else self._slot(name) for name in adapter_names]
+
+    def empty_batch(self, max_tokens: int, max_seqs: int | None = None, chunk_size: int | None = None) -> LoRABatch:
+        """A fixed-capacity ``LoRABatch`` for this pool's slots (``LoRABatch.empty``): fill it
+        each step with ``batch.update_(seq_lens, pool.slots(names))`` and run the model inside
+        ``pool.adapters(batch)``. Its ranks follow ``load`` and ``evict`` in place, and its
+        ``max_rank`` is the pool's, so neither a graph nor a compiled model sees them change."""
+        if self.device is None:
+            raise RuntimeError("empty_batch: patch a model first (the batch lives on the model's device)")
+        if self._slot_rank_tensor is None:
+            self._slot_rank_tensor = torch.tensor(self._slot_rank, dtype=torch.int32, device=self.device)
+            # scalings are folded into B: every slot's batch scaling is 1
+            self._unit_scalings = torch.ones(self.max_adapters, dtype=torch.float32, device=self.device)
+        return LoRABatch.empty(max_tokens, self._slot_rank_tensor, self._unit_scalings, max_seqs=max_seqs,
+                               max_rank=self.max_rank, device=self.device, chunk_size=chunk_size)
 
     def _batch_of_tokens(self, token_slots: torch.Tensor) -> LoRABatch:
         # Scalings are folded into B, so every slot's batch scaling is 1.
@@ -216,7 +244,7 @@ class AdapterPool:
 
     def _request_for(self, adapter_names, seq_lens=None, attention_mask=None) -> _Request:
         follows_input = seq_lens is None and attention_mask is None
-        request = _Request(self, self._seq_slots(adapter_names), follows_input)
+        request = _Request(self, self.slots(adapter_names), follows_input)
         slots = torch.tensor(request.seq_slots, dtype=torch.int64)
         if seq_lens is not None and attention_mask is not None:
             raise ValueError("give seq_lens or attention_mask, not both")
