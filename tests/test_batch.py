@@ -80,3 +80,98 @@ def test_metadata_follows_the_device_of_tensor_arguments():
     assert lora_ops.LoRABatch.build([2, 1], ids, [4], [1.0]).device == lens.device
     assert lora_ops.LoRABatch.from_token_adapters(ids, [4], [1.0]).device == lens.device
     assert lora_ops.LoRABatch.build([2, 1], [0, -1], [4], [1.0]).device.type == "cpu"
+
+
+# ---- fixed-capacity batches: LoRABatch.empty + update_ ----
+
+RANKS, SCALINGS = [8, 4, 0, 2], [0.5, 1.0, 1.5, 2.0]
+
+
+def metadata_pointers(batch):
+    return [tensor.data_ptr() for plan in ("segment", "sorted") for tensor in batch.op_metadata(plan)] + [
+        batch.adapter_scaling.data_ptr()]
+
+
+def check_plans(batch, token_adapter):
+    """Both plans are the runs of ``token_adapter`` (live tokens, then -1 padding) cut by chunk."""
+    assert batch.token_adapter.tolist() == token_adapter
+    ids = torch.tensor(token_adapter)
+    assert used_chunks(batch.segment_plan) == expected_runs(ids, batch.chunk_size)
+    order = batch.sorted_plan.token_order.long()
+    assert ids[order].tolist() == sorted(token_adapter)
+    assert used_chunks(batch.sorted_plan) == expected_runs(ids[order], batch.chunk_size)
+
+
+def test_update_writes_in_place_from_sequences_or_token_ids():
+    batch = lora_ops.LoRABatch.empty(40, RANKS, SCALINGS, max_seqs=4, chunk_size=16)
+    assert batch.token_adapter.tolist() == [-1] * 40 and batch.max_rank == 8
+    pointers = metadata_pointers(batch)
+    # the worst case for the segment plan's bound: 4 sequences, each ending 1 past a chunk
+    for seq_lens, adapter_ids in [((1, 17, 1, 17), (0, 1, 0, 1)), ((3,), (2,)), ((), ()), ((40,), (-1,)),
+                                  ((0, 5, 0, 5), (3, 1, 1, 0))]:
+        batch.update_(seq_lens, adapter_ids)
+        live = torch.repeat_interleave(torch.tensor(adapter_ids, dtype=torch.int64),
+                                       torch.tensor(seq_lens, dtype=torch.int64)).tolist()
+        check_plans(batch, live + [-1] * (40 - len(live)))
+        if seq_lens == (1, 17, 1, 17):  # uses every chunk of the bound cdiv(40, 16) + 4
+            assert len(used_chunks(batch.segment_plan)) == batch.segment_plan.num_chunks == 7
+    batch.update_(token_adapter=torch.tensor([1, 1, 7, -5, 0]), ranks=[2, 2, 2, 2], scalings=[1.0] * 4)
+    check_plans(batch, [1, 1, -1, -1, 0] + [-1] * 35)  # ids out of range count as -1
+    assert batch.adapter_rank.tolist() == [2] * 4 and batch.max_rank == 8
+    assert metadata_pointers(batch) == pointers
+
+
+def test_update_refuses_what_does_not_fit_and_leaves_the_batch():
+    batch = lora_ops.LoRABatch.empty(8, RANKS, SCALINGS, max_seqs=2)
+    batch.update_([3], [1])
+    for args, kwargs, message in [
+        (([5, 4], [0, 1]), {}, r"2 sequences of 9 tokens exceeds the batch's capacity of 8 tokens in 2 sequences"),
+        (([1, 1, 1], [0, 1, 0]), {}, r"3 sequences of 3 tokens exceeds"),
+        ((), {"token_adapter": torch.zeros(9, dtype=torch.int32)}, r"9 tokens exceeds"),
+        (([2], [4]), {}, r"adapter ids must be -1 \(no adapter\) or a slot in \[0, 4\), got \[4\]"),
+        ((), {"ranks": [16, 0, 0, 0], "scalings": SCALINGS}, r"ranks \[16, 0, 0, 0\] exceed the batch's max_rank 8"),
+        ((), {"ranks": [1, 1, 1, 1]}, "give ranks and scalings together"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            batch.update_(*args, **kwargs)
+    check_plans(batch, [1] * 3 + [-1] * 5)
+    with pytest.raises(ValueError, match="update_ needs a fixed-capacity batch"):
+        lora_ops.LoRABatch.build([2], [0], RANKS, SCALINGS).update_([1], [0])
+
+
+def test_update_from_token_ids_calls_nothing_that_waits_for_the_device():
+    """What reads device values back to the host (.item(), .tolist(), boolean-mask indexing,
+    unique, bincount, nonzero) would synchronise on a GPU: update_'s device path calls none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "bincount")
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    batch = lora_ops.LoRABatch.empty(32, RANKS, SCALINGS)
+    ids = torch.tensor([0, 0, 3, -1, 1] * 5, dtype=torch.int32)
+    with RecordOps() as recorder:
+        batch.update_(token_adapter=ids)
+    assert recorder.names and not [name for name in recorder.names if name in syncing]
+    check_plans(batch, ids.tolist() + [-1] * 7)
+
+
+def test_segment_plan_bound_holds_for_random_batches_that_fit():
+    gen = torch.Generator().manual_seed(0)
+    for chunk_size, max_tokens, max_seqs in [(16, 50, 5), (32, 70, 9), (16, 17, 17)]:
+        batch = lora_ops.LoRABatch.empty(max_tokens, RANKS, SCALINGS, max_seqs=max_seqs, chunk_size=chunk_size)
+        for _ in range(20):
+            num_seqs = int(torch.randint(0, max_seqs + 1, (1,), generator=gen))
+            cuts = torch.randint(0, max_tokens + 1, (num_seqs,), generator=gen).sort().values.tolist()
+            seq_lens = [hi - lo for lo, hi in zip([0] + cuts[:-1], cuts)]
+            adapter_ids = torch.randint(-1, 4, (num_seqs,), generator=gen).tolist()
+            batch.update_(seq_lens, adapter_ids)
+            live = [a for a, n in zip(adapter_ids, seq_lens) for _ in range(n)]
+            check_plans(batch, live + [-1] * (max_tokens - len(live)))

@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True, dynamic=True) of a module calling all five ops."""
+"""torch.compile(fullgraph=True) of a module calling all five ops: no graph break, and no
+recompile when only a fixed-capacity batch's contents change (counted by a recording backend)."""
 
 import expecttest
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import lora_ops
 from conftest import DEVICE, Dims, Scenario, fresh_generator, make_batch
+from test_layers import ToyBlock, patch_toy, toy_adapters
 
 DIMS = Dims()
 
@@ -67,6 +69,65 @@ def test_compiles_without_graph_breaks_and_matches_eager(backend):
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     expected = model(token_ids, x, batch, backend)
     torch.testing.assert_close(compiled(token_ids, x, batch, backend), expected)
+
+
+# Steps of one 10-token bucket: other adapters, ranks in use, max rank in use, live tokens.
+STEPS = [([3, 5, 2], [0, 1, -1], [8, 4, 0]), ([1], [2], [8, 4, 2]), ([2, 2, 2, 2], [1, 0, 1, 0], [1, 2, 0]),
+         ([], [], [0, 0, 0]), ([10], [1], [8, 8, 8])]
+
+
+def _fixed_capacity_steps(batch, steps=STEPS):
+    gen, _ = fresh_generator()
+    for seq_lens, adapter_ids, ranks in steps:
+        batch.update_(seq_lens, adapter_ids, ranks=ranks, scalings=[0.5, 1.0, 2.0])
+        yield (torch.randint(0, DIMS.vocab, (batch.num_tokens,), generator=gen).to(DEVICE),
+               torch.randn(batch.num_tokens, DIMS.in_features, generator=gen).to(DEVICE), batch)
+
+
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_fixed_capacity_batch_contents_never_recompile(backend):
+    torch._dynamo.reset()
+    model = TinyLoRAModel(num_slots=3).to(DEVICE)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    batch = lora_ops.LoRABatch.empty(10, [8, 4, 0], [1.0] * 3, max_seqs=4, max_rank=DIMS.max_rank, device=DEVICE)
+    steps = STEPS if backend == "torch_native" else STEPS[:3]  # Triton's interpreter is slow
+    for token_ids, x, batch in _fixed_capacity_steps(batch, steps):
+        torch.testing.assert_close(compiled(token_ids, x, batch, backend), model(token_ids, x, batch, backend))
+    assert len(recorder.graphs) == 1
+
+
+def test_buckets_compile_a_few_graphs_not_one_each():
+    """Bucket sizes 1..64: a static graph, a dynamic one, and size 1 specialised (0/1)."""
+    torch._dynamo.reset()
+    model = TinyLoRAModel(num_slots=3).to(DEVICE)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    for bucket in (16, 1, 2, 4, 8, 32, 64, 24):
+        batch = lora_ops.LoRABatch.empty(bucket, [8, 4, 0], [1.0] * 3, max_rank=DIMS.max_rank, device=DEVICE)
+        for token_ids, x, batch in _fixed_capacity_steps(batch, [([1] * bucket, [i % 3 - 1 for i in range(bucket)], [8, 4, 2])]):
+            torch.testing.assert_close(compiled(token_ids, x, batch, "torch_native"),
+                                       model(token_ids, x, batch, "torch_native"))
+    assert len(recorder.graphs) <= 3
+
+
+def test_patched_model_with_a_pool_batch_never_recompiles_on_new_contents_or_loads():
+    torch.manual_seed(0)
+    block = ToyBlock().eval()
+    adapters = toy_adapters(block, {"r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                                    "r2": dict(r=2, lora_alpha=2, target_modules=["k_proj", "up_proj"])})
+    ours, pool = patch_toy(block, {"r4": adapters["r4"]})
+    batch = pool.empty_batch(6, max_seqs=3)
+    torch._dynamo.reset()
+    recorder = _GraphRecorder()
+    compiled = torch.compile(ours, backend=recorder, fullgraph=True)
+    token_ids = torch.randint(0, 40, (1, 6))
+    for names, seq_lens in [(["r4", None], [3, 2]), (["r4"], [6]), (["r2", "r4", None], [1, 1, 1]), ([], [])]:
+        if names == ["r2", "r4", None]:
+            pool.load("r2", *reversed(adapters["r2"]))
+        with torch.no_grad(), pool.adapters(batch.update_(seq_lens, pool.slots(names))):
+            torch.testing.assert_close(compiled(token_ids), ours(token_ids))
+    assert len(recorder.graphs) == 1
 
 
 class TestGraph(expecttest.TestCase):

@@ -118,3 +118,20 @@ def test_use_backend_sets_the_default_for_a_block():
     with pytest.raises(lora_ops.BackendError, match="unknown backend 'fast'"):
         with lora_ops.use_backend("fast"):
             pass
+
+
+def test_auto_of_a_fixed_capacity_batch_is_decided_by_its_sizes_whatever_its_contents():
+    """A graph or compiled function runs what auto decided at capture; both backends are exact,
+    so contents where a per-step batch would sort the other way still get a right answer."""
+    decode = lora_ops.LoRABatch.empty(64, [16, 16], [1.0, 1.0])  # any ids: up to 64 sequences
+    prefill = lora_ops.LoRABatch.empty(600, [16, 16], [1.0, 1.0], max_seqs=2)
+    w = weights(shape=(2, 4096, 16))
+    for contents in [([64], [0]), ([1] * 64, [i % 2 for i in range(64)])]:
+        decode.update_(*contents)
+        decision = lora_ops.explain("sgmv_expand", decode, w)
+        assert decision.backend == "csgmv"
+        assert "fixed-capacity batch, decided by its sizes: at most 7 chunks sorted by adapter, 64 in token order" in decision.reason
+    assert lora_ops.LoRABatch.build([64], [0], [16, 16], [1.0, 1.0]).prefers_adapter_sorting is False
+    for contents in [([300, 300], [0, 1]), ([1, 1], [0, 1])]:
+        prefill.update_(*contents)
+        assert lora_ops.resolve("sgmv_expand", prefill, w).backend == "triton"
