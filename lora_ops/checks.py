@@ -13,6 +13,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The differentiable twins on torch_native also take float64: torch.autograd.gradcheck's dtype.
+GRADCHECK_DTYPES = (*FLOAT_DTYPES, torch.float64)
 BACKEND_KERNELS = {"torch_native": ("torch",), "triton": ("chunk", "per_token"),
                    "csgmv": ("chunk", "per_token")}
 MAX_SLICES = 3
@@ -56,10 +58,11 @@ def check_size(op: str, what: str, actual, expected) -> None:
 
 
 def check_no_grad(op: str, *tensors) -> None:
-    """No op has a backward yet: refuse, rather than return silently wrong (zero) gradients."""
+    """The inference ops have no autograd kernel (one in Python costs every call ~5 us of host
+    time): refuse inputs that require grad rather than return silently wrong (zero) gradients."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        fail(op, "an input requires grad, but lora ops have no backward yet; call them under "
-                 "torch.no_grad() / torch.inference_mode() or detach the inputs")
+        fail(op, f"an input requires grad, but lora::{op} has no backward; call lora_ops.{op}, which "
+                 "then runs the op's differentiable twin (lora::*_autograd), or call it under torch.no_grad()")
 
 
 def check_backend(op: str, backend: str, kernel: str) -> None:
@@ -101,17 +104,22 @@ def check_num_slices(op: str, num_slices, weights) -> None:
                  f"{weights.shape[1]}, got {num_slices}")
 
 
+def twin_dtypes(backend: str) -> tuple:
+    """The float dtypes a differentiable twin (``lora::*_autograd``) takes on ``backend``."""
+    return GRADCHECK_DTYPES if backend == "torch_native" else FLOAT_DTYPES
+
+
 def check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter, chunk_start,
-                      chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel) -> None:
-    check_tensor(op, "x", x, 2)
-    check_tensor(op, "weights", weights, 3)
+                      chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel,
+                      float_dtypes=FLOAT_DTYPES) -> None:
+    check_tensor(op, "x", x, 2, float_dtypes)
+    check_tensor(op, "weights", weights, 3, float_dtypes)
     check_like(op, "weights", weights, "x", x)
     check_num_slices(op, num_slices, weights)
     check_metadata(op, "x", x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank)
     check_slots(op, weights, adapter_rank)
     check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
     check_backend(op, backend, kernel)
-    check_no_grad(op, x, weights)
 
 
 def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
@@ -128,11 +136,11 @@ def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
 
 def check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                       chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
-                      chunk_size, backend, kernel) -> None:
-    check_tensor(op, "base_output", base_output, 2)
+                      chunk_size, backend, kernel, float_dtypes=FLOAT_DTYPES) -> None:
+    check_tensor(op, "base_output", base_output, 2, float_dtypes)
     check_slice_offsets(op, slice_offsets, base_output.shape[1])
-    check_tensor(op, "y", y, 2)
-    check_tensor(op, "weights", weights, 3)
+    check_tensor(op, "y", y, 2, float_dtypes)
+    check_tensor(op, "weights", weights, 3, float_dtypes)
     check_like(op, "y", y, "base_output", base_output)
     check_like(op, "weights", weights, "base_output", base_output)
     check_metadata(op, "base_output", base_output, token_adapter, token_order, chunk_adapter,
@@ -147,7 +155,6 @@ def check_expand_args(op, base_output, y, weights, token_adapter, token_order, c
     check_size(op, "weights.shape[1] (out features) must match base_output.shape[1]", weights.shape[1], base_output.shape[1])
     check_size(op, f"y.shape[1] must be {num_slices} slices x weights.shape[2] (R)", y.shape[1], num_slices * weights.shape[2])
     check_backend(op, backend, kernel)
-    check_no_grad(op, base_output, y, weights)
 
 
 def qkv_offsets(op: str, base_output, q_size, kv_size) -> list:
@@ -164,9 +171,10 @@ def gate_up_offsets(op: str, base_output) -> list:
     return [0, width // 2, width]
 
 
-def check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, backend) -> None:
+def check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, backend,
+                         float_dtypes=FLOAT_DTYPES) -> None:
     check_tensor(op, "token_ids", token_ids, 1, dtypes=INDEX_DTYPES)
-    check_tensor(op, "weights", weights, 3)
+    check_tensor(op, "weights", weights, 3, float_dtypes)
     if weights.device != token_ids.device:
         fail(op, f"weights must be on the device of token_ids ({token_ids.device}), got {weights.device}")
     _check_index_tensors(op, "token_ids", token_ids, (("token_adapter", token_adapter), ("adapter_rank", adapter_rank)))
@@ -174,7 +182,6 @@ def check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, ba
     check_slots(op, weights, adapter_rank)
     if backend not in BACKEND_KERNELS:
         fail(op, f"backend must be one of {', '.join(BACKEND_KERNELS)}, got {backend!r}")
-    check_no_grad(op, weights)
 
 
 def check_rank(op: str, batch, max_rank: int, where: str) -> None:

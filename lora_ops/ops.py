@@ -18,9 +18,15 @@ Conventions shared by every op and every backend:
 - Expand ops add into ``base_output`` in place (``Tensor(a!)``) and return nothing.
 - The metadata tensors come from a ``LoRABatch`` (``batch.op_metadata(plan)``); ``backend`` and
   ``kernel`` are a resolved decision (``lora_ops.dispatch.resolve``), never ``auto``.
-- No op has a backward yet: called with inputs that require grad (and grad mode on), every op
-  raises instead of returning silently wrong (zero) gradients (``checks.check_no_grad``, part of
-  each op's check, so eager calls and tracing both refuse).
+- Training (the last section): the five ops above are the inference path and have no autograd
+  kernel (a Python one costs every call ~5 us of host time); with inputs that require grad they
+  raise (``checks.check_no_grad``). Each has a differentiable, functional twin
+  (``lora::sgmv_shrink_autograd``, ``lora::sgmv_expand_autograd`` for the three expand ops,
+  ``lora::embedding_a_autograd``) with its backward registered by ``torch.library.register_autograd``;
+  the Python functions run the twin when autograd must record the call (grad mode on and an input
+  requires grad), so only training pays for autograd. The expand twin is out of place
+  (``register_autograd`` refuses mutating ops): it returns ``base_output + delta``, and the
+  in-place functions copy that into ``base_output`` (``in_place=False`` returns it without the copy).
 """
 
 from __future__ import annotations
@@ -47,6 +53,27 @@ SCHEMAS = {
                        "Tensor adapter_scaling, int chunk_size, str backend, str kernel) -> ()"),
     "embedding_a": ("embedding_a(Tensor token_ids, Tensor weights, Tensor token_adapter, "
                     "Tensor adapter_rank, str backend) -> Tensor"),
+    # training: the differentiable twins (functional) and the ops of their backward formulas
+    "sgmv_shrink_autograd": (f"sgmv_shrink_autograd(Tensor x, Tensor weights, {_METADATA}, int num_slices, "
+                             "int chunk_size, str backend, str kernel) -> Tensor"),
+    "sgmv_expand_autograd": (f"sgmv_expand_autograd(Tensor base_output, Tensor y, Tensor weights, {_METADATA}, "
+                             "Tensor adapter_scaling, SymInt[] slice_offsets, int chunk_size, str backend, "
+                             "str kernel) -> Tensor"),
+    "embedding_a_autograd": ("embedding_a_autograd(Tensor token_ids, Tensor weights, Tensor token_adapter, "
+                             "Tensor adapter_rank, str backend) -> Tensor"),
+    "sgmv_shrink_grad_x": (f"sgmv_shrink_grad_x(Tensor grad_y, Tensor weights, {_METADATA}, int num_slices, "
+                           "int chunk_size, str backend, str kernel) -> Tensor"),
+    "sgmv_shrink_grad_weights": (f"sgmv_shrink_grad_weights(Tensor grad_y, Tensor x, {_METADATA}, "
+                                 "int num_slices, int chunk_size, str backend, str kernel) -> Tensor"),
+    "sgmv_expand_grad_y": (f"sgmv_expand_grad_y(Tensor grad_out, Tensor weights, {_METADATA}, "
+                           "Tensor adapter_scaling, SymInt[] slice_offsets, int chunk_size, str backend, "
+                           "str kernel) -> Tensor"),
+    "sgmv_expand_grad_weights": (f"sgmv_expand_grad_weights(Tensor grad_out, Tensor y, {_METADATA}, "
+                                 "Tensor adapter_scaling, SymInt[] slice_offsets, int chunk_size, "
+                                 "str backend, str kernel) -> Tensor"),
+    "embedding_a_grad_weights": ("embedding_a_grad_weights(Tensor grad_y, Tensor token_ids, "
+                                 "Tensor token_adapter, Tensor adapter_rank, SymInt vocab_size, "
+                                 "str backend) -> Tensor"),
 }
 
 _lib = torch.library.Library("lora", "DEF")
@@ -64,6 +91,7 @@ def _triton_kernels():
     """The Triton kernel modules, imported on first use."""
     import csrc_triton.embedding
     import csrc_triton.expand
+    import csrc_triton.grad
     import csrc_triton.shrink
 
     return csrc_triton
@@ -74,13 +102,19 @@ def _triton_kernels():
 
 def _shrink_fake(x, weights, *args):
     checks.check_shrink_args("sgmv_shrink", x, weights, *args)
+    checks.check_no_grad("sgmv_shrink", x, weights)
     return x.new_empty(x.shape[0], weights.shape[1])
 
 
-def _shrink_impl(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                 adapter_rank, num_slices, chunk_size, backend, kernel):
-    checks.check_shrink_args("sgmv_shrink", x, weights, token_adapter, token_order, chunk_adapter,
-                             chunk_start, chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel)
+def _shrink_impl(x, weights, *args):
+    checks.check_no_grad("sgmv_shrink", x, weights)
+    return _run_shrink("sgmv_shrink", x, weights, *args)
+
+
+def _run_shrink(op, x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                adapter_rank, num_slices, chunk_size, backend, kernel, float_dtypes=checks.FLOAT_DTYPES):
+    checks.check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter, chunk_start,
+                             chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel, float_dtypes)
     if backend == "torch_native":
         return torch_native.sgmv_shrink(x, weights, token_adapter, adapter_rank, num_slices)
     shrink = _triton_kernels().shrink
@@ -118,8 +152,10 @@ def sgmv_shrink(
     checks.check_num_slices(op, num_slices, weights)
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
     decision = resolve(op, batch, weights, backend)
-    return torch.ops.lora.sgmv_shrink(x, weights, *batch.op_metadata(decision.plan), num_slices,
-                                      batch.chunk_size, decision.backend, decision.kernel)
+    records_grad = torch.is_grad_enabled() and (weights.requires_grad or getattr(x, "requires_grad", False))
+    shrink = torch.ops.lora.sgmv_shrink_autograd if records_grad else torch.ops.lora.sgmv_shrink
+    return shrink(x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size,
+                  decision.backend, decision.kernel)
 
 
 # ---- the expand ops: sgmv_expand, qkv_expand, gate_up_expand ---------------------------------
@@ -127,11 +163,11 @@ def sgmv_shrink(
 
 def _run_expand(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                 chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size,
-                backend, kernel) -> None:
+                backend, kernel, float_dtypes=checks.FLOAT_DTYPES) -> None:
     slice_offsets = [int(offset) for offset in slice_offsets]
     checks.check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                              chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
-                             chunk_size, backend, kernel)
+                             chunk_size, backend, kernel, float_dtypes)
     if backend == "torch_native":
         torch_native.sgmv_expand(base_output, y, weights, token_adapter, adapter_rank,
                                  adapter_scaling, slice_offsets)
@@ -152,9 +188,11 @@ def _expand_fake(base_output, y, weights, *args):
     *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = args
     checks.check_expand_args("sgmv_expand", base_output, y, weights, *metadata, adapter_scaling,
                              slice_offsets, chunk_size, backend, kernel)
+    checks.check_no_grad("sgmv_expand", base_output, y, weights)
 
 
 def _expand_impl(base_output, y, weights, *args):
+    checks.check_no_grad("sgmv_expand", base_output, y, weights)
     _run_expand("sgmv_expand", base_output, y, weights, *args)
 
 
@@ -166,9 +204,11 @@ def _qkv_expand_args(base_output, args):
 
 def _qkv_expand_fake(base_output, y, weights, *args):
     checks.check_expand_args("qkv_expand", base_output, y, weights, *_qkv_expand_args(base_output, args))
+    checks.check_no_grad("qkv_expand", base_output, y, weights)
 
 
 def _qkv_expand_impl(base_output, y, weights, *args):
+    checks.check_no_grad("qkv_expand", base_output, y, weights)
     _run_expand("qkv_expand", base_output, y, weights, *_qkv_expand_args(base_output, args))
 
 
@@ -181,9 +221,11 @@ def _gate_up_expand_args(base_output, args):
 def _gate_up_expand_fake(base_output, y, weights, *args):
     checks.check_expand_args("gate_up_expand", base_output, y, weights,
                              *_gate_up_expand_args(base_output, args))
+    checks.check_no_grad("gate_up_expand", base_output, y, weights)
 
 
 def _gate_up_expand_impl(base_output, y, weights, *args):
+    checks.check_no_grad("gate_up_expand", base_output, y, weights)
     _run_expand("gate_up_expand", base_output, y, weights, *_gate_up_expand_args(base_output, args))
 
 
@@ -192,14 +234,24 @@ _register("qkv_expand", _qkv_expand_fake, _qkv_expand_impl)
 _register("gate_up_expand", _gate_up_expand_fake, _gate_up_expand_impl)
 
 
-def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_args: tuple) -> None:
-    """Shared by the expand functions: host checks, the decision, then the op named ``op``."""
+def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_args: tuple,
+            in_place: bool, slice_offsets) -> torch.Tensor:
+    """Shared by the expand functions: host checks, the decision, then the op named ``op`` (or,
+    under autograd or out of place, its differentiable twin; ``slice_offsets()`` gives its offsets)."""
     checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[2], "weights.shape[2]")
     decision = resolve(op, batch, weights, backend)
-    getattr(torch.ops.lora, op)(base_output, y, weights, *batch.op_metadata(decision.plan),
-                                batch.adapter_scaling, *slice_args, batch.chunk_size,
-                                decision.backend, decision.kernel)
+    metadata = batch.op_metadata(decision.plan)
+    records_grad = torch.is_grad_enabled() and (
+        weights.requires_grad or getattr(y, "requires_grad", False) or getattr(base_output, "requires_grad", False))
+    if in_place and not records_grad:
+        getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling, *slice_args,
+                                    batch.chunk_size, decision.backend, decision.kernel)
+        return base_output
+    out = torch.ops.lora.sgmv_expand_autograd(base_output, y, weights, *metadata, batch.adapter_scaling,
+                                              slice_offsets(), batch.chunk_size, decision.backend,
+                                              decision.kernel)
+    return base_output.copy_(out) if in_place else out
 
 
 def sgmv_expand(
@@ -209,7 +261,9 @@ def sgmv_expand(
     base_output: torch.Tensor,
     slice_offsets: list[int],
     backend: str | None = None,
-) -> None:
+    *,
+    in_place: bool = True,
+) -> torch.Tensor:
     """LoRA B, added in place: ``base_output[t, o_i:o_{i+1}] += c * y[t, i*R:i*R+r] @ B[a(t), o_i:o_{i+1}, :r].T``.
 
     Args:
@@ -220,8 +274,16 @@ def sgmv_expand(
         slice_offsets: ``[0, o_1, ..., out]``, strictly increasing, 1 to 3 slices: slice ``i`` is
             columns ``[o_i, o_{i+1})`` of ``base_output`` and rows of ``weights``.
         backend: as in ``sgmv_shrink``.
+        in_place: False leaves ``base_output`` unchanged and returns a new tensor (the training
+            form: under autograd the in-place form computes that too, then copies it into
+            ``base_output``, one more pass over it).
+
+    Returns:
+        ``base_output`` (updated), or the new tensor when ``in_place`` is False.
     """
-    _expand("sgmv_expand", y, weights, batch, base_output, backend, (list(slice_offsets),))
+    slice_offsets = list(slice_offsets)
+    return _expand("sgmv_expand", y, weights, batch, base_output, backend, (slice_offsets,), in_place,
+                   lambda: slice_offsets)
 
 
 def qkv_expand(
@@ -232,12 +294,16 @@ def qkv_expand(
     q_size: int,
     kv_size: int,
     backend: str | None = None,
-) -> None:
+    *,
+    in_place: bool = True,
+) -> torch.Tensor:
     """``sgmv_expand`` with the three slices q, k, v of widths ``q_size, kv_size, kv_size``.
 
     Shapes: ``y (s, 3R)``, ``weights (L, q_size + 2*kv_size, R)``, ``base_output (s, q_size + 2*kv_size)``.
     """
-    _expand("qkv_expand", y, weights, batch, base_output, backend, (q_size, kv_size))
+    op = "qkv_expand"
+    return _expand(op, y, weights, batch, base_output, backend, (q_size, kv_size), in_place,
+                   lambda: checks.qkv_offsets(op, base_output, q_size, kv_size))
 
 
 def gate_up_expand(
@@ -246,12 +312,16 @@ def gate_up_expand(
     batch: LoRABatch,
     base_output: torch.Tensor,
     backend: str | None = None,
-) -> None:
+    *,
+    in_place: bool = True,
+) -> torch.Tensor:
     """``sgmv_expand`` with two equal slices (gate, up).
 
     Shapes: ``y (s, 2R)``, ``weights (L, 2*inter, R)``, ``base_output (s, 2*inter)``.
     """
-    _expand("gate_up_expand", y, weights, batch, base_output, backend, ())
+    op = "gate_up_expand"
+    return _expand(op, y, weights, batch, base_output, backend, (), in_place,
+                   lambda: checks.gate_up_offsets(op, base_output))
 
 
 # ---- embedding_a ------------------------------------------------------------------------------
@@ -259,11 +329,18 @@ def gate_up_expand(
 
 def _embedding_a_fake(token_ids, weights, token_adapter, adapter_rank, backend):
     checks.check_embedding_args("embedding_a", token_ids, weights, token_adapter, adapter_rank, backend)
+    checks.check_no_grad("embedding_a", weights)
     return weights.new_empty(token_ids.shape[0], weights.shape[1])
 
 
 def _embedding_a_impl(token_ids, weights, token_adapter, adapter_rank, backend):
-    checks.check_embedding_args("embedding_a", token_ids, weights, token_adapter, adapter_rank, backend)
+    checks.check_no_grad("embedding_a", weights)
+    return _run_embedding_a("embedding_a", token_ids, weights, token_adapter, adapter_rank, backend)
+
+
+def _run_embedding_a(op, token_ids, weights, token_adapter, adapter_rank, backend,
+                     float_dtypes=checks.FLOAT_DTYPES):
+    checks.check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, backend, float_dtypes)
     if backend == "torch_native":
         return torch_native.embedding_a(token_ids, weights, token_adapter, adapter_rank)
     return _triton_kernels().embedding.launch(token_ids, weights, token_adapter, adapter_rank)
@@ -295,5 +372,193 @@ def embedding_a(
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
     decision = resolve(op, batch, weights, backend)
-    return torch.ops.lora.embedding_a(token_ids, weights, batch.token_adapter, batch.adapter_rank,
-                                      decision.backend)
+    records_grad = torch.is_grad_enabled() and weights.requires_grad
+    embed = torch.ops.lora.embedding_a_autograd if records_grad else torch.ops.lora.embedding_a
+    return embed(token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
+
+
+# ---- training: the differentiable twins and their backward formulas ----------------------------
+#
+# The backward formulas, in one place (the twins' forwards are the ops above; r = the slot's rank,
+# c its scaling; scalings and batch metadata are constants, tokens without adapter and slots of
+# rank 0 get no gradient, nothing past a slot's rank does):
+#
+#   shrink  y[t, i*R:i*R+r] = x[t] @ A[a, i*R:i*R+r].T
+#       dx[t]                  = sum_i dy[t, i*R:i*R+r] @ A[a, i*R:i*R+r]       (sgmv_shrink_grad_x)
+#       dA[l, i*R:i*R+r]       = dy_l[:, i*R:i*R+r].T @ x_l                     (sgmv_shrink_grad_weights)
+#   expand  out[t, cols_i] = base[t, cols_i] + c * y[t, i*R:i*R+r] @ B[a, cols_i, :r].T
+#       dbase                  = dout                                             (passes through)
+#       dy[t, i*R:i*R+r]       = c * dout[t, cols_i] @ B[a, cols_i, :r]           (sgmv_expand_grad_y)
+#       dB[l, cols_i, :r]      = c * dout_l[:, cols_i].T @ y_l[:, i*R:i*R+r]      (sgmv_expand_grad_weights)
+#   embedding  y[t, :r] = A[a, :r, ids[t]]
+#       dA[a, :r, ids[t]]     += dy[t, :r]                                        (embedding_a_grad_weights)
+#
+# where x_l, dy_l, dout_l are the rows of the tokens of slot l. torch_native computes them one
+# adapter at a time; the Triton backends in csrc_triton/grad.py. The gradient ops are internal:
+# the backward formulas call them with the forward's (checked) arguments.
+
+
+# The twins' arguments end with (..., backend, kernel), the embedding's with backend.
+def _shrink_autograd_fake(x, weights, *args):
+    checks.check_shrink_args("sgmv_shrink_autograd", x, weights, *args, checks.twin_dtypes(args[-2]))
+    return x.new_empty(x.shape[0], weights.shape[1])
+
+
+def _shrink_autograd_impl(x, weights, *args):
+    return _run_shrink("sgmv_shrink_autograd", x, weights, *args, checks.twin_dtypes(args[-2]))
+
+
+def _expand_autograd_fake(base_output, y, weights, *args):
+    checks.check_expand_args("sgmv_expand_autograd", base_output, y, weights, *args, checks.twin_dtypes(args[-2]))
+    return base_output.new_empty(base_output.shape)
+
+
+def _expand_autograd_impl(base_output, y, weights, *args):
+    out = base_output.clone(memory_format=torch.contiguous_format)
+    _run_expand("sgmv_expand_autograd", out, y, weights, *args, checks.twin_dtypes(args[-2]))
+    return out
+
+
+def _embedding_a_autograd_fake(token_ids, weights, token_adapter, adapter_rank, backend):
+    checks.check_embedding_args("embedding_a_autograd", token_ids, weights, token_adapter, adapter_rank, backend,
+                                checks.twin_dtypes(backend))
+    return weights.new_empty(token_ids.shape[0], weights.shape[1])
+
+
+def _embedding_a_autograd_impl(token_ids, weights, token_adapter, adapter_rank, backend):
+    return _run_embedding_a("embedding_a_autograd", token_ids, weights, token_adapter, adapter_rank, backend,
+                            checks.twin_dtypes(backend))
+
+
+_register("sgmv_shrink_autograd", _shrink_autograd_fake, _shrink_autograd_impl)
+_register("sgmv_expand_autograd", _expand_autograd_fake, _expand_autograd_impl)
+_register("embedding_a_autograd", _embedding_a_autograd_fake, _embedding_a_autograd_impl)
+
+
+def _shrink_grad_x_impl(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                        adapter_rank, num_slices, chunk_size, backend, kernel):
+    if backend == "torch_native":
+        return torch_native.sgmv_shrink_grad_x(grad_y, weights, token_adapter, adapter_rank, num_slices)
+    return _triton_kernels().grad.shrink_grad_x(
+        grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
+        num_slices, chunk_size, permuted=backend == "csgmv", per_token=kernel == "per_token")
+
+
+def _shrink_grad_weights_impl(grad_y, x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                              adapter_rank, num_slices, chunk_size, backend, kernel):
+    if backend == "torch_native":
+        return torch_native.sgmv_shrink_grad_weights(grad_y, x, token_adapter, adapter_rank, num_slices)
+    return _triton_kernels().grad.shrink_grad_weights(
+        grad_y, x, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, num_slices, chunk_size,
+        permuted=backend == "csgmv")
+
+
+def _expand_grad_y_impl(grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                        adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend, kernel):
+    slice_offsets = [int(offset) for offset in slice_offsets]
+    if backend == "torch_native":
+        return torch_native.sgmv_expand_grad_y(grad_out, weights, token_adapter, adapter_rank, adapter_scaling,
+                                               slice_offsets)
+    return _triton_kernels().grad.expand_grad_y(
+        grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
+        adapter_scaling, slice_offsets, chunk_size, permuted=backend == "csgmv", per_token=kernel == "per_token")
+
+
+def _expand_grad_weights_impl(grad_out, y, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                              adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend, kernel):
+    slice_offsets = [int(offset) for offset in slice_offsets]
+    if backend == "torch_native":
+        return torch_native.sgmv_expand_grad_weights(grad_out, y, token_adapter, adapter_rank, adapter_scaling,
+                                                     slice_offsets)
+    return _triton_kernels().grad.expand_grad_weights(
+        grad_out, y, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
+        slice_offsets, chunk_size, permuted=backend == "csgmv")
+
+
+def _embedding_a_grad_weights_impl(grad_y, token_ids, token_adapter, adapter_rank, vocab_size, backend):
+    if backend == "torch_native":
+        return torch_native.embedding_a_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab_size)
+    return _triton_kernels().grad.embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab_size)
+
+
+# Fakes of the gradient ops: each gradient has its input's shape.
+def _shrink_grad_x_fake(grad_y, weights, *args):
+    return grad_y.new_empty(grad_y.shape[0], weights.shape[2])
+
+
+def _shrink_grad_weights_fake(grad_y, x, *args):
+    *metadata, num_slices, chunk_size, backend, kernel = args
+    adapter_rank = metadata[-1]
+    return x.new_empty(adapter_rank.shape[0], grad_y.shape[1], x.shape[1])
+
+
+def _expand_grad_y_fake(grad_out, weights, *args):
+    *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = args
+    return grad_out.new_empty(grad_out.shape[0], (len(slice_offsets) - 1) * weights.shape[2])
+
+
+def _expand_grad_weights_fake(grad_out, y, *args):
+    *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = args
+    return y.new_empty(adapter_scaling.shape[0], grad_out.shape[1], y.shape[1] // (len(slice_offsets) - 1))
+
+
+def _embedding_a_grad_weights_fake(grad_y, token_ids, token_adapter, adapter_rank, vocab_size, backend):
+    return grad_y.new_empty(adapter_rank.shape[0], grad_y.shape[1], vocab_size)
+
+
+_register("sgmv_shrink_grad_x", _shrink_grad_x_fake, _shrink_grad_x_impl)
+_register("sgmv_shrink_grad_weights", _shrink_grad_weights_fake, _shrink_grad_weights_impl)
+_register("sgmv_expand_grad_y", _expand_grad_y_fake, _expand_grad_y_impl)
+_register("sgmv_expand_grad_weights", _expand_grad_weights_fake, _expand_grad_weights_impl)
+_register("embedding_a_grad_weights", _embedding_a_grad_weights_fake, _embedding_a_grad_weights_impl)
+
+
+def _shrink_setup_context(ctx, inputs, output):
+    x, weights, *metadata, num_slices, chunk_size, backend, kernel = inputs
+    ctx.save_for_backward(x, weights, *metadata)
+    ctx.args = (num_slices, chunk_size, backend, kernel)
+
+
+def _shrink_backward(ctx, grad_y):
+    x, weights, *metadata = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    needs_x, needs_weights = ctx.needs_input_grad[:2]
+    grad_x = torch.ops.lora.sgmv_shrink_grad_x(grad_y, weights, *metadata, *ctx.args) if needs_x else None
+    grad_w = torch.ops.lora.sgmv_shrink_grad_weights(grad_y, x, *metadata, *ctx.args) if needs_weights else None
+    return grad_x, grad_w, *[None] * (len(metadata) + len(ctx.args))
+
+
+def _expand_setup_context(ctx, inputs, output):
+    base_output, y, weights, *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = inputs
+    ctx.save_for_backward(y, weights, *metadata, adapter_scaling)
+    ctx.args = (slice_offsets, chunk_size, backend, kernel)
+
+
+def _expand_backward(ctx, grad_out):
+    y, weights, *metadata = ctx.saved_tensors  # metadata ends with adapter_scaling
+    grad_out = grad_out.contiguous()
+    needs_base, needs_y, needs_weights = ctx.needs_input_grad[:3]
+    grad_y = torch.ops.lora.sgmv_expand_grad_y(grad_out, weights, *metadata, *ctx.args) if needs_y else None
+    grad_w = torch.ops.lora.sgmv_expand_grad_weights(grad_out, y, *metadata, *ctx.args) if needs_weights else None
+    return grad_out if needs_base else None, grad_y, grad_w, *[None] * (len(metadata) + len(ctx.args))
+
+
+def _embedding_a_setup_context(ctx, inputs, output):
+    token_ids, weights, token_adapter, adapter_rank, backend = inputs
+    ctx.save_for_backward(token_ids, token_adapter, adapter_rank)
+    ctx.args = (weights.shape[2], backend)
+
+
+def _embedding_a_backward(ctx, grad_y):
+    token_ids, token_adapter, adapter_rank = ctx.saved_tensors
+    grad_w = torch.ops.lora.embedding_a_grad_weights(grad_y.contiguous(), token_ids, token_adapter, adapter_rank,
+                                                     *ctx.args)
+    return None, grad_w, None, None, None
+
+
+torch.library.register_autograd("lora::sgmv_shrink_autograd", _shrink_backward,
+                                setup_context=_shrink_setup_context, lib=_lib)
+torch.library.register_autograd("lora::sgmv_expand_autograd", _expand_backward,
+                                setup_context=_expand_setup_context, lib=_lib)
+torch.library.register_autograd("lora::embedding_a_autograd", _embedding_a_backward,
+                                setup_context=_embedding_a_setup_context, lib=_lib)
