@@ -1,4 +1,4 @@
-"""The torch_native backend: DESIGN.md's math in plain PyTorch, one adapter at a time.
+"""The torch_native backend: the ops' math (see lora_ops/ops.py) in plain PyTorch, one adapter at a time.
 
 The readable reference and the CPU path. It reads ranks and scalings back to the host and
 indexes tokens by adapter with data-dependent shapes, so it synchronises and cannot be captured
