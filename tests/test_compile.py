@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import DEVICE, Dims, Scenario, fresh_generator, make_batch
+from conftest import DEVICE, Dims, Scenario, fresh_generator, make_batch, requires_cuda
 from test_layers import ToyBlock, patch_toy, toy_adapters
 
 DIMS = Dims()
@@ -153,3 +153,40 @@ lora.sgmv_shrink
 lora.gate_up_expand
 lora.sgmv_shrink
 lora.sgmv_expand""")
+
+
+# ---- on the GPU: cudagraph trees (mode="reduce-overhead") and the default mode, bfloat16 ----
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "csgmv"])
+def test_compiled_on_the_gpu_never_recompiles_on_new_contents(mode, backend, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)  # a skipped graph fails
+    torch._dynamo.reset()
+    counters.clear()
+    model = TinyLoRAModel(num_slots=3, dtype=torch.bfloat16).cuda()
+    compiled = torch.compile(model, mode=mode, fullgraph=True)
+    batches = {bucket: lora_ops.LoRABatch.empty(bucket, [8, 4, 0], [1.0] * 3, max_rank=DIMS.max_rank, device="cuda")
+               for bucket in (16, 64, 256)}
+    for bucket, batch in batches.items():
+        for token_ids, x, batch in _fixed_capacity_steps(batch):
+            token_ids, x = token_ids.cuda(), x.cuda().to(torch.bfloat16)
+            out = compiled(token_ids, x, batch, backend).clone()  # the next replay overwrites it
+            torch.testing.assert_close(out, model(token_ids, x, batch, backend), atol=0.05, rtol=0.02)
+        if bucket == 16:
+            assert counters["stats"]["unique_graphs"] == 1, "recompiled for new contents"
+    assert counters["stats"]["unique_graphs"] <= 4, "a recompile per bucket or more"
+    assert not counters["inductor"]["cudagraph_skips"]
+
+
+@requires_cuda
+def test_reduce_overhead_with_torch_native_refuses_clearly():
+    model = TinyLoRAModel(num_slots=3, dtype=torch.bfloat16).cuda()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    batch = lora_ops.LoRABatch.empty(16, [8, 4, 0], [1.0] * 3, max_rank=DIMS.max_rank, device="cuda")
+    with pytest.raises(Exception, match="torch_native backend reads adapter ranks"):
+        for token_ids, x, batch in _fixed_capacity_steps(batch):
+            compiled(token_ids.cuda(), x.cuda().to(torch.bfloat16), batch, "torch_native")
