@@ -71,9 +71,27 @@ def _recorded_call(op_case, backend, dtype=torch.float32):
 
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", backends_for(torch.float32))
-def test_inputs_that_require_grad_are_refused(op_case, backend):
-    """No backward exists yet: a silent zero gradient would be wrong, so the op refuses."""
-    op, args, kwargs = _recorded_call(op_case, backend)
+def test_functions_run_the_differentiable_twin_only_under_autograd(op_case, backend):
+    """Inputs that require grad (grad mode on): the function calls lora::*_autograd; otherwise,
+    or under no_grad, the inference op (no autograd kernel on the inference path)."""
+    gen, _ = fresh_generator()
+    batch = make_batch(SCENARIOS[0])
+    inputs = op_case.build(batch, Dims(), torch.float32, gen)
+    for grad_mode, requires_grad, twin in [(True, False, False), (True, True, True), (False, True, False)]:
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.requires_grad_(requires_grad)
+        with torch.set_grad_enabled(grad_mode), RecordLoraCalls() as recorder:
+            op_case.run(inputs, batch, backend)
+        (op, _, _), = recorder.calls
+        assert op.name().endswith("_autograd") == twin, (grad_mode, requires_grad, op.name())
+
+
+@pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
+def test_inference_ops_refuse_inputs_that_require_grad(op_case):
+    """Called directly with inputs that require grad, an inference op (no backward) raises and
+    names the way to gradients, rather than return silently zero ones."""
+    op, args, kwargs = _recorded_call(op_case, "torch_native")
     float_inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
                     and a.dim() >= 2]
     for i in float_inputs:
@@ -81,17 +99,17 @@ def test_inputs_that_require_grad_are_refused(op_case, backend):
         grad_args[i] = args[i].clone().requires_grad_()
         if op._schema.arguments[i].alias_info is not None:  # in-place base output: a non-leaf
             grad_args[i] = grad_args[i] * 1
-        with pytest.raises(lora_ops.LoRAArgumentError, match=r"requires grad, but lora ops have no backward yet"):
+        with pytest.raises(lora_ops.LoRAArgumentError, match=r"requires grad, but lora::\w+ has no backward; call lora_ops"):
             op(*grad_args, **kwargs)
         with torch.no_grad():
             op(*grad_args, **kwargs)  # fine without grad mode
 
 
-def test_requires_grad_is_refused_under_compile():
+def test_inference_op_refuses_requires_grad_under_compile():
     op, args, kwargs = _recorded_call(OP_CASES[0], "torch_native")
     x = args[0].clone().requires_grad_()
     compiled = torch.compile(lambda x: op(x, *args[1:], **kwargs), backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match=r"requires grad, but lora ops have no backward yet"):
+    with pytest.raises(Exception, match=r"requires grad, but lora::sgmv_shrink has no backward"):
         compiled(x)
 
 
