@@ -156,6 +156,15 @@ def _checked_slots(ranks, scalings, max_rank: int | None = None) -> tuple[torch.
     return rank, scaling
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without waiting for the GPU: a host tensor goes through pinned
+    memory (from pageable memory the driver may wait for the stream; the caching host allocator
+    keeps the pinned block until the copy has run)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got {chunk_size}")
@@ -425,7 +434,7 @@ class LoRABatch:
         _check_adapter_ids(seq_adapter, self.num_slots)
         padded = torch.full((self.num_tokens,), -1, dtype=torch.int32)
         padded[:num_live] = torch.repeat_interleave(seq_adapter, lengths)
-        self.token_adapter.copy_(padded, non_blocking=True)
+        self.token_adapter.copy_(_to_device(padded, self.device))
         self._plan_()
 
     def _update_token_adapter(self, token_adapter: torch.Tensor) -> None:
@@ -434,7 +443,7 @@ class LoRABatch:
         num_live = token_adapter.shape[0]
         if num_live > self.num_tokens:
             raise self._capacity_error(f"{num_live} tokens")
-        ids = token_adapter.to(self.device, non_blocking=True)
+        ids = _to_device(token_adapter, self.device)
         in_range = (ids >= -1) & (ids < self.num_slots)
         self.token_adapter[:num_live].copy_(torch.where(in_range, ids, -1))
         self.token_adapter[num_live:].fill_(-1)
@@ -446,5 +455,5 @@ class LoRABatch:
         rank, scaling = _checked_slots(ranks, scalings, self.max_rank)
         if rank.shape[0] != self.num_slots:
             raise ValueError(f"update_: expected {self.num_slots} ranks (one per slot), got {rank.shape[0]}")
-        self.adapter_rank.copy_(rank, non_blocking=True)
-        self.adapter_scaling.copy_(scaling, non_blocking=True)
+        self.adapter_rank.copy_(_to_device(rank, self.device))
+        self.adapter_scaling.copy_(_to_device(scaling, self.device))

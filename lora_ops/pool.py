@@ -153,7 +153,8 @@ class AdapterPool:
                 ``adapter`` is a state dict.
 
         Everything is read and checked before the pool changes: on any error it is unchanged.
-        A batch built before holds the slot's old rank: build a new one (a new ``adapters`` block).
+        A per-step batch built before holds the slot's old rank: build a new one (a new ``adapters``
+        block); a fixed-capacity batch (``empty_batch``) follows it in place.
         """
         if isinstance(adapter, (str, os.PathLike)):
             config, adapter = read_checkpoint(adapter)

@@ -7,7 +7,8 @@ import torch
 
 import lora_ops
 from conftest import DEVICE, Dims, Scenario, fresh_generator, make_batch, requires_cuda
-from test_layers import ToyBlock, patch_toy, toy_adapters
+from test_layers import patch_toy
+from test_serving import toy_with_two_adapters
 
 DIMS = Dims()
 
@@ -112,10 +113,7 @@ def test_buckets_compile_a_few_graphs_not_one_each():
 
 
 def test_patched_model_with_a_pool_batch_never_recompiles_on_new_contents_or_loads():
-    torch.manual_seed(0)
-    block = ToyBlock().eval()
-    adapters = toy_adapters(block, {"r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                                    "r2": dict(r=2, lora_alpha=2, target_modules=["k_proj", "up_proj"])})
+    block, adapters = toy_with_two_adapters()
     ours, pool = patch_toy(block, {"r4": adapters["r4"]})
     batch = pool.empty_batch(6, max_seqs=3)
     torch._dynamo.reset()

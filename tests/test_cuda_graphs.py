@@ -9,7 +9,8 @@ import torch
 
 import lora_ops
 from conftest import OP_CASES, Dims, assert_close_to_reference, fresh_generator, requires_cuda
-from test_layers import ToyBlock, patch_toy, toy_adapters
+from test_layers import patch_toy
+from test_serving import toy_with_two_adapters
 
 pytestmark = requires_cuda
 
@@ -143,10 +144,7 @@ def test_two_buckets_replayed_at_once_on_two_streams(backend):
 def test_patched_model_graphs_per_bucket_follow_requests_and_loads():
     """The layers under graphs: one graph per bucket captured with a pool batch; requests join
     and leave, and an adapter loaded after capture is served with its rank."""
-    torch.manual_seed(0)
-    block = ToyBlock().eval()
-    adapters = toy_adapters(block, {"r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                                    "r8": dict(r=8, lora_alpha=4, target_modules=["k_proj", "up_proj", "embed"])})
+    block, adapters = toy_with_two_adapters()
     ours, pool = patch_toy(block.cuda().to(torch.bfloat16), {"r4": adapters["r4"]})
     graphs = {}
     with torch.no_grad():
@@ -160,10 +158,10 @@ def test_patched_model_graphs_per_bucket_follow_requests_and_loads():
                 with torch.cuda.graph(graph):
                     out = ours(token_ids)
             graphs[bucket] = (graph, batch, token_ids, out)
-        requests = [["r4", None, "r4"], ["r4"] * 9, ["r8", "r4", None, "r8"], [None] * 2, ["r8"] * 16]
+        requests = [["r4", None, "r4"], ["r4"] * 9, ["r2", "r4", None, "r2"], [None] * 2, ["r2"] * 16]
         for step, names in enumerate(requests):
             if step == 2:
-                pool.load("r8", *reversed(adapters["r8"]))
+                pool.load("r2", *reversed(adapters["r2"]))
             graph, batch, token_ids, out = graphs[4 if len(names) <= 4 else 16]
             batch.update_([1] * len(names), pool.slots(names))
             token_ids.copy_(torch.randint(0, 40, token_ids.shape))

@@ -32,17 +32,17 @@ def test_padding_gets_no_lora_and_live_tokens_match_a_batch_of_their_own(op_case
         assert torch.equal(out[6:], padding), backend
 
 
-@pytest.fixture(scope="module")
-def toy():
+def toy_with_two_adapters():
+    """The toy block of test_layers and two adapters for it, "r4" and "r2" (their ranks)."""
     torch.manual_seed(0)
     block = ToyBlock().eval()
     adapters = toy_adapters(block, {"r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                                    "r2": dict(r=2, lora_alpha=2, target_modules=["k_proj", "up_proj"])})
+                                    "r2": dict(r=2, lora_alpha=2, target_modules=["k_proj", "up_proj", "embed"])})
     return block, adapters
 
 
-def test_pool_batch_follows_loads_and_matches_per_step_batches(toy):
-    block, adapters = toy
+def test_pool_batch_follows_loads_and_matches_per_step_batches():
+    block, adapters = toy_with_two_adapters()
     ours, pool = patch_toy(block, {"r4": adapters["r4"]})
     batch = pool.empty_batch(8, max_seqs=3)
     rank_tensor = batch.adapter_rank
