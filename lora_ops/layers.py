@@ -20,17 +20,19 @@ from .pool import AdapterPool, ModuleSlots
 
 def add_lora(x: torch.Tensor, out: torch.Tensor, lora: ModuleSlots, batch: LoRABatch) -> torch.Tensor:
     """``out + scaling * x A^T B^T`` per token, with 1, 2 (gate/up) or 3 (q/k/v) output slices:
-    one shrink and one expand. Adds into ``out`` in place where it can; returns the result."""
+    one shrink and one expand. Adds into ``out`` in place under no_grad / inference mode, else
+    out of place (differentiable); returns the result."""
     x_flat = x.reshape(-1, x.shape[-1]).contiguous()
     out_flat = out.reshape(-1, out.shape[-1])
     sizes = lora.slice_sizes
+    in_place = not torch.is_grad_enabled()  # training: out of place, no copy back into out
     y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(sizes))
     if len(sizes) == 3:
-        ops.qkv_expand(y, lora.lora_b, batch, out_flat, sizes[0], sizes[1])
+        out_flat = ops.qkv_expand(y, lora.lora_b, batch, out_flat, sizes[0], sizes[1], in_place=in_place)
     elif len(sizes) == 2:
-        ops.gate_up_expand(y, lora.lora_b, batch, out_flat)
+        out_flat = ops.gate_up_expand(y, lora.lora_b, batch, out_flat, in_place=in_place)
     else:
-        ops.sgmv_expand(y, lora.lora_b, batch, out_flat, [0, sizes[0]])
+        out_flat = ops.sgmv_expand(y, lora.lora_b, batch, out_flat, [0, sizes[0]], in_place=in_place)
     return out_flat.view(out.shape)
 
 
@@ -99,8 +101,8 @@ class LoRAEmbedding(nn.Module):
         if batch is None:
             return out
         y = ops.embedding_a(token_ids.reshape(-1), self.lora.lora_a, batch)
-        out_flat = out.reshape(-1, out.shape[-1])
-        ops.sgmv_expand(y, self.lora.lora_b, batch, out_flat, [0, out.shape[-1]])
+        out_flat = ops.sgmv_expand(y, self.lora.lora_b, batch, out.reshape(-1, out.shape[-1]), [0, out.shape[-1]],
+                                   in_place=not torch.is_grad_enabled())
         return out_flat.view(out.shape)
 
 

@@ -133,3 +133,28 @@ def adapter_modules(config, state: Mapping[str, torch.Tensor]) -> dict[str, Modu
     if not modules:
         raise AdapterError("adapter weights hold no LoRA matrices")
     return modules
+
+
+def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> dict:
+    """A PEFT ``adapter_config.json`` dict for a plain LoRA adapter of rank ``r``."""
+    return {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": sorted(target_modules),
+            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+            "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "task_type": None,
+            "base_model_name_or_path": None, "inference_mode": True}
+
+
+def write_checkpoint(path: str | os.PathLike, config: Mapping, modules: Mapping[str, ModuleLoRA]) -> None:
+    """Write a PEFT adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``
+    with PEFT's key names (``base_model.model.<module>.lora_A.weight``; embeddings
+    ``lora_embedding_A``/``lora_embedding_B``). B is written as PEFT keeps it, without the scaling."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for module, lora in modules.items():
+        names = ("lora_embedding_A", "lora_embedding_B") if lora.is_embedding else ("lora_A.weight", "lora_B.weight")
+        for name, tensor in zip(names, (lora.lora_a, lora.lora_b)):
+            state[f"base_model.model.{module}.{name}"] = tensor.detach().contiguous().cpu()
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as file:
+        json.dump(_config_dict(config), file, indent=2, default=lambda value: sorted(value))  # sets of names

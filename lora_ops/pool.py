@@ -14,6 +14,12 @@ rank has zeros in its rows and columns beyond its rank, so it gets exactly its o
 For CUDA graphs and ``torch.compile``, ``empty_batch`` gives a fixed-capacity ``LoRABatch`` that
 reads the pool's own per-slot rank tensor, which ``load`` and ``evict`` change in place: a
 captured graph or compiled model serves newly loaded adapters with their ranks.
+
+Training: ``AdapterPool(..., trainable=True)`` makes every module's stacked A and B leaves that
+require grad (``pool.parameters()``, for an optimizer; the base model stays frozen), so each
+token of a mixed batch trains its own adapter. ``new_adapter`` starts one as PEFT does (A
+Kaiming-uniform, B zero), ``save`` writes one back as a PEFT adapter directory, dividing each
+module's scaling back out of B. B is trained with the scaling folded in (``c * B``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import LoRABatch
-from .peft import AdapterError, ModuleLoRA, adapter_modules, read_checkpoint
+from .peft import AdapterError, ModuleLoRA, adapter_modules, lora_config, read_checkpoint, write_checkpoint
 
 NO_ADAPTER = "__base__"
 
@@ -95,11 +101,14 @@ class AdapterPool:
     model inside ``with pool.adapters(["name", None, ...]):``.
     """
 
-    def __init__(self, max_adapters: int, max_rank: int):
+    def __init__(self, max_adapters: int, max_rank: int, trainable: bool = False):
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"max_adapters and max_rank must be positive, got {max_adapters}, {max_rank}")
         self.max_adapters = max_adapters
         self.max_rank = max_rank
+        self.trainable = trainable
+        # adapter name -> (its config, {module: its ModuleLoRA as loaded}): what save writes back
+        self._loaded: dict[str, tuple[Mapping, dict[str, ModuleLoRA]]] = {}
         self.modules: dict[str, ModuleSlots] = {}
         # adapter module path -> (pool module, slice index or None for the whole module)
         self._targets: dict[str, tuple[ModuleSlots, int | None]] = {}
@@ -123,7 +132,7 @@ class AdapterPool:
         if self.device is not None and weight.device != self.device:
             raise ValueError(f"{name} is on {weight.device}, the pool's other modules on {self.device}")
         self.device = weight.device
-        make = dict(dtype=weight.dtype, device=weight.device)
+        make = dict(dtype=weight.dtype, device=weight.device, requires_grad=self.trainable)
         slots = ModuleSlots(
             lora_a=torch.zeros(self.max_adapters, len(slice_sizes) * self.max_rank, in_features, **make),
             lora_b=torch.zeros(self.max_adapters, sum(slice_sizes), self.max_rank, **make),
@@ -160,7 +169,8 @@ class AdapterPool:
             config, adapter = read_checkpoint(adapter)
         elif config is None:
             raise AdapterError(f"load({name!r}): a state dict needs config= (LoraConfig or adapter_config.json dict)")
-        writes = [self._checked_target(module, lora) for module, lora in adapter_modules(config, adapter).items()]
+        modules = adapter_modules(config, adapter)
+        writes = [self._checked_target(module, lora) for module, lora in modules.items()]
         slot = self._slots.get(name)
         if slot is None:
             free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
@@ -175,12 +185,61 @@ class AdapterPool:
                 self._write(slots, index, lora, slot)
         self._slots[name] = slot
         self._set_slot_rank(slot, max(lora.rank for _, _, lora in writes))
+        self._loaded[name] = (config, modules)
         return slot
 
     def evict(self, name: str) -> None:
         """Free ``name``'s slot; the next ``load`` may reuse it."""
         self._set_slot_rank(self._slot(name), 0)
         del self._slots[name]
+        del self._loaded[name]
+
+    # ---- training ----
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every module's stacked A and B (all slots): what an optimizer trains (``trainable=True``)."""
+        return [tensor for slots in self.modules.values() for tensor in (slots.lora_a, slots.lora_b)]
+
+    def new_adapter(self, name: str, r: int, lora_alpha: float, generator: torch.Generator | None = None) -> int:
+        """Load a fresh adapter of rank ``r`` on every module, initialised as PEFT does (A
+        Kaiming-uniform, B zero; embeddings A zero, B normal), to train. Modules fused by
+        ``merge_linears`` get one adapter per slice (``q_proj``, ``k_proj``, ...). Returns its slot."""
+        state = {}
+        for module, slots in self.modules.items():
+            slice_names = [path for path, (target, index) in self._targets.items() if target is slots and index is not None]
+            fused_by_merge = "+" in module  # merge_linears names the fused module by its slices
+            for i, path in enumerate(slice_names if fused_by_merge else [module]):
+                width = slots.slice_sizes[i] if fused_by_merge else slots.lora_b.shape[1]
+                fan_in = slots.lora_a.shape[2]
+                if slots.is_embedding:
+                    lora_a, lora_b = torch.zeros(r, fan_in), torch.randn(width, r, generator=generator)
+                else:
+                    lora_a = (torch.rand(r, fan_in, generator=generator) * 2 - 1) / fan_in**0.5
+                    lora_b = torch.zeros(width, r)
+                key = "lora_embedding_{}" if slots.is_embedding else "lora_{}.weight"
+                state[f"{path}.{key.format('A')}"], state[f"{path}.{key.format('B')}"] = lora_a, lora_b
+        modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
+        return self.load(name, state, lora_config(r, lora_alpha, modules))
+
+    def save(self, name: str, path: str | os.PathLike) -> None:
+        """Write adapter ``name`` (e.g. after training) as a PEFT adapter directory:
+        ``adapter_config.json`` and ``adapter_model.safetensors``, each module at its own rank."""
+        slot = self._slot(name)
+        config, loaded = self._loaded[name]
+        modules = {}
+        for module, lora in loaded.items():
+            slots, index = self._targets[module]
+            rank, max_rank = lora.rank, self.max_rank
+            slices = range(len(slots.slice_sizes)) if index is None else (index,)
+            a_per_slice = [slots.lora_a[slot, i * max_rank : i * max_rank + rank] for i in slices]
+            if any(not torch.equal(a, a_per_slice[0]) for a in a_per_slice[1:]):
+                raise AdapterError(f"save({name!r}): {module} is one PEFT module whose slices share A, "
+                                   "but their A differ now (trained separately)")
+            offsets = slots.slice_offsets
+            columns = slice(None) if index is None else slice(offsets[index], offsets[index + 1])
+            lora_b = slots.lora_b[slot, columns, :rank].float() / lora.scaling
+            modules[module] = ModuleLoRA(a_per_slice[0], lora_b.to(slots.lora_b.dtype), lora.scaling, lora.is_embedding)
+        write_checkpoint(path, config, modules)
 
     def _checked_target(self, module: str, lora: ModuleLoRA) -> tuple[ModuleSlots, int | None, ModuleLoRA]:
         if module not in self._targets:
