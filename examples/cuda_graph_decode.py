@@ -262,7 +262,7 @@ def time_steps(server: Server, batch_size: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256] if ON_GPU else [1, 4])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256] if ON_GPU else [2, 8])
     parser.add_argument("--steps", type=int, default=48 if ON_GPU else 12, help="steps of the changing-requests run")
     parser.add_argument("--timed-steps", type=int, default=50 if ON_GPU else 5)
     args = parser.parse_args()

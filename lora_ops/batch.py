@@ -411,49 +411,47 @@ class LoRABatch:
         """
         if not self.is_fixed_capacity:
             raise ValueError("update_ needs a fixed-capacity batch (LoRABatch.empty or AdapterPool.empty_batch)")
-        if ranks is not None or scalings is not None:
-            self._update_slots(ranks, scalings)
+        # everything is checked before anything is written: a refused update leaves the batch
+        slot_values = None if ranks is None and scalings is None else self._checked_slot_values(ranks, scalings)
+        ids = None
         if token_adapter is not None:
             if seq_lens is not None or adapter_ids is not None:
                 raise ValueError("update_: give seq_lens and adapter_ids, or token_adapter, not both")
-            self._update_token_adapter(token_adapter)
+            if not isinstance(token_adapter, torch.Tensor) or token_adapter.dim() != 1:
+                raise ValueError("update_: token_adapter must be a 1-D tensor of adapter slots")
+            if token_adapter.shape[0] > self.num_tokens:
+                raise self._capacity_error(f"{token_adapter.shape[0]} tokens")
+            ids = token_adapter
         elif seq_lens is not None or adapter_ids is not None:
-            self._update_sequences(seq_lens, adapter_ids)
+            ids = self._token_ids_of_sequences(seq_lens, adapter_ids)
+        if slot_values is not None:
+            self.adapter_rank.copy_(_to_device(slot_values[0], self.device))
+            self.adapter_scaling.copy_(_to_device(slot_values[1], self.device))
+        if ids is not None:
+            ids = _to_device(ids, self.device)
+            num_live = ids.shape[0]
+            self.token_adapter[:num_live].copy_(torch.where((ids >= -1) & (ids < self.num_slots), ids, -1))
+            self.token_adapter[num_live:].fill_(-1)
+            self._plan_()
         return self
 
     def _capacity_error(self, what: str) -> ValueError:
         return ValueError(f"update_: {what} exceeds the batch's capacity of {self.num_tokens} tokens "
                           f"in {self.max_seqs} sequences: use a larger batch (bucket)")
 
-    def _update_sequences(self, seq_lens, adapter_ids) -> None:
+    def _token_ids_of_sequences(self, seq_lens, adapter_ids) -> torch.Tensor:
         lengths, seq_adapter = _checked_sequences(seq_lens if seq_lens is not None else [],
                                                   adapter_ids if adapter_ids is not None else [])
         num_live = int(lengths.sum())
         if lengths.shape[0] > self.max_seqs or num_live > self.num_tokens:
             raise self._capacity_error(f"{lengths.shape[0]} sequences of {num_live} tokens")
         _check_adapter_ids(seq_adapter, self.num_slots)
-        padded = torch.full((self.num_tokens,), -1, dtype=torch.int32)
-        padded[:num_live] = torch.repeat_interleave(seq_adapter, lengths)
-        self.token_adapter.copy_(_to_device(padded, self.device))
-        self._plan_()
+        return torch.repeat_interleave(seq_adapter, lengths).to(torch.int32)
 
-    def _update_token_adapter(self, token_adapter: torch.Tensor) -> None:
-        if not isinstance(token_adapter, torch.Tensor) or token_adapter.dim() != 1:
-            raise ValueError("update_: token_adapter must be a 1-D tensor of adapter slots")
-        num_live = token_adapter.shape[0]
-        if num_live > self.num_tokens:
-            raise self._capacity_error(f"{num_live} tokens")
-        ids = _to_device(token_adapter, self.device)
-        in_range = (ids >= -1) & (ids < self.num_slots)
-        self.token_adapter[:num_live].copy_(torch.where(in_range, ids, -1))
-        self.token_adapter[num_live:].fill_(-1)
-        self._plan_()
-
-    def _update_slots(self, ranks, scalings) -> None:
+    def _checked_slot_values(self, ranks, scalings) -> tuple[torch.Tensor, torch.Tensor]:
         if ranks is None or scalings is None:
             raise ValueError("update_: give ranks and scalings together")
         rank, scaling = _checked_slots(ranks, scalings, self.max_rank)
         if rank.shape[0] != self.num_slots:
             raise ValueError(f"update_: expected {self.num_slots} ranks (one per slot), got {rank.shape[0]}")
-        self.adapter_rank.copy_(_to_device(rank, self.device))
-        self.adapter_scaling.copy_(_to_device(scaling, self.device))
+        return rank.to(torch.int32), scaling

@@ -125,7 +125,8 @@ def test_update_refuses_what_does_not_fit_and_leaves_the_batch():
     batch = lora_ops.LoRABatch.empty(8, RANKS, SCALINGS, max_seqs=2)
     batch.update_([3], [1])
     for args, kwargs, message in [
-        (([5, 4], [0, 1]), {}, r"2 sequences of 9 tokens exceeds the batch's capacity of 8 tokens in 2 sequences"),
+        (([5, 4], [0, 1]), {"ranks": [1] * 4, "scalings": SCALINGS},
+         r"2 sequences of 9 tokens exceeds the batch's capacity of 8 tokens in 2 sequences"),
         (([1, 1, 1], [0, 1, 0]), {}, r"3 sequences of 3 tokens exceeds"),
         ((), {"token_adapter": torch.zeros(9, dtype=torch.int32)}, r"9 tokens exceeds"),
         (([2], [4]), {}, r"adapter ids must be -1 \(no adapter\) or a slot in \[0, 4\), got \[4\]"),
@@ -135,6 +136,7 @@ def test_update_refuses_what_does_not_fit_and_leaves_the_batch():
         with pytest.raises(ValueError, match=message):
             batch.update_(*args, **kwargs)
     check_plans(batch, [1] * 3 + [-1] * 5)
+    assert batch.adapter_rank.tolist() == RANKS
     with pytest.raises(ValueError, match="update_ needs a fixed-capacity batch"):
         lora_ops.LoRABatch.build([2], [0], RANKS, SCALINGS).update_([1], [0])
 

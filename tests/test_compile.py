@@ -92,7 +92,7 @@ def test_fixed_capacity_batch_contents_never_recompile(backend):
     recorder = _GraphRecorder()
     compiled = torch.compile(model, backend=recorder, fullgraph=True)
     batch = lora_ops.LoRABatch.empty(10, [8, 4, 0], [1.0] * 3, max_seqs=4, max_rank=DIMS.max_rank, device=DEVICE)
-    steps = STEPS if backend == "torch_native" else STEPS[:3]  # Triton's interpreter is slow
+    steps = STEPS if backend == "torch_native" else STEPS[1:3]  # Triton's interpreter is slow
     for token_ids, x, batch in _fixed_capacity_steps(batch, steps):
         torch.testing.assert_close(compiled(token_ids, x, batch, backend), model(token_ids, x, batch, backend))
     assert len(recorder.graphs) == 1
