@@ -112,19 +112,25 @@ def test_buckets_compile_a_few_graphs_not_one_each():
     assert len(recorder.graphs) <= 3
 
 
-def test_patched_model_with_a_pool_batch_never_recompiles_on_new_contents_or_loads():
+def _serve_pool_steps(compile_model, device="cpu", dtype=torch.float32, **tolerance):
+    """A patched toy model compiled by ``compile_model`` and served from one pool batch while
+    requests change and an adapter is loaded; each step equals the eager model's."""
     block, adapters = toy_with_two_adapters()
-    ours, pool = patch_toy(block, {"r4": adapters["r4"]})
+    ours, pool = patch_toy(block.to(device, dtype), {"r4": adapters["r4"]})
     batch = pool.empty_batch(6, max_seqs=3)
-    torch._dynamo.reset()
-    recorder = _GraphRecorder()
-    compiled = torch.compile(ours, backend=recorder, fullgraph=True)
-    token_ids = torch.randint(0, 40, (1, 6))
+    compiled = compile_model(ours)
+    token_ids = torch.randint(0, 40, (1, 6), device=device)
     for names, seq_lens in [(["r4", None], [3, 2]), (["r4"], [6]), (["r2", "r4", None], [1, 1, 1]), ([], [])]:
         if names == ["r2", "r4", None]:
             pool.load("r2", *reversed(adapters["r2"]))
         with torch.no_grad(), pool.adapters(batch.update_(seq_lens, pool.slots(names))):
-            torch.testing.assert_close(compiled(token_ids), ours(token_ids))
+            torch.testing.assert_close(compiled(token_ids).clone(), ours(token_ids), **tolerance)
+
+
+def test_patched_model_with_a_pool_batch_never_recompiles_on_new_contents_or_loads():
+    torch._dynamo.reset()
+    recorder = _GraphRecorder()
+    _serve_pool_steps(lambda model: torch.compile(model, backend=recorder, fullgraph=True))
     assert len(recorder.graphs) == 1
 
 
@@ -188,3 +194,15 @@ def test_reduce_overhead_with_torch_native_refuses_clearly():
     with pytest.raises(Exception, match="torch_native backend reads adapter ranks"):
         for token_ids, x, batch in _fixed_capacity_steps(batch):
             compiled(token_ids.cuda(), x.cuda().to(torch.bfloat16), batch, "torch_native")
+
+
+@requires_cuda
+def test_patched_model_under_reduce_overhead_never_recompiles(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
+    torch._dynamo.reset()
+    counters.clear()
+    _serve_pool_steps(lambda model: torch.compile(model, mode="reduce-overhead", fullgraph=True),
+                      "cuda", torch.bfloat16, atol=0.05, rtol=0.02)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"]["cudagraph_skips"]
