@@ -217,6 +217,29 @@ class LoRABatch:
     def is_fixed_capacity(self) -> bool:
         return self.max_seqs is not None
 
+    def copy_(self, other: LoRABatch) -> LoRABatch:
+        """Copy another per-step batch of the same sizes (token count, slots, chunk size,
+        ``max_segments``) into this one's tensors, in place. Serving under CUDA graphs is simpler
+        with a fixed-capacity batch and ``update_``, which takes any contents that fit."""
+        pairs = [(self.token_adapter, other.token_adapter), (self.adapter_rank, other.adapter_rank),
+                 (self.adapter_scaling, other.adapter_scaling)]
+        for mine, theirs in ((self.segment_plan, other.segment_plan), (self.sorted_plan, other.sorted_plan)):
+            if mine.chunk_size != theirs.chunk_size:
+                raise ValueError(f"copy_: chunk_size differs ({mine.chunk_size} vs {theirs.chunk_size})")
+            pairs += [(mine.token_order, theirs.token_order), (mine.chunk_adapter, theirs.chunk_adapter),
+                      (mine.chunk_start, theirs.chunk_start), (mine.chunk_len, theirs.chunk_len)]
+        for mine, theirs in pairs:
+            if mine.shape != theirs.shape:
+                raise ValueError(f"copy_: metadata shapes differ ({tuple(mine.shape)} vs {tuple(theirs.shape)}): "
+                                 "batches need equal token counts, slots and max_segments")
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+        for mine, theirs in ((self.segment_plan, other.segment_plan), (self.sorted_plan, other.sorted_plan)):
+            mine.chunks_needed = theirs.chunks_needed
+        self.max_rank = other.max_rank
+        self.prefers_adapter_sorting = other.prefers_adapter_sorting
+        return self
+
     @property
     def chunk_size(self) -> int:
         return self.segment_plan.chunk_size

@@ -177,3 +177,12 @@ def test_segment_plan_bound_holds_for_random_batches_that_fit():
             batch.update_(seq_lens, adapter_ids)
             live = [a for a, n in zip(adapter_ids, seq_lens) for _ in range(n)]
             check_plans(batch, live + [-1] * (max_tokens - len(live)))
+
+
+def test_copy_between_per_step_batches_of_equal_sizes():
+    captured = lora_ops.LoRABatch.build([3, 2], [0, 1], [4, 4], [1.0, 1.0])
+    captured.copy_(lora_ops.LoRABatch.build([1, 4], [1, -1], [4, 2], [1.0, 2.0]))
+    check_plans(captured, [1, -1, -1, -1, -1])
+    assert captured.adapter_rank.tolist() == [4, 2] and captured.segment_plan.chunks_needed == 2
+    with pytest.raises(ValueError, match="batches need equal token counts"):
+        captured.copy_(lora_ops.LoRABatch.build([6], [0], [4, 4], [1.0, 1.0]))
