@@ -273,11 +273,14 @@ GPU_LAYERS = [
 
 
 def _gpu_scenario(num_tokens: int, skewed: bool) -> Scenario:
+    """16 sequences (so that batches of equal token counts copy into each other) over 8 slots of
+    heterogeneous ranks, some without adapter; skewed: adapter 4 holds 90 % of the tokens."""
     ranks = (64, 8, 16, 0, 64, 32, 64, 8)
-    if skewed:  # adapter 4 holds 90 % of the tokens
+    if skewed:
         big = num_tokens * 9 // 10
-        rest = num_tokens - big
-        return Scenario("skewed_90", (big, rest // 3, rest // 3, rest - 2 * (rest // 3)), (4, 1, -1, 6), ranks)
+        small = [(num_tokens - big) // 15] * 15
+        small[0] += (num_tokens - big) % 15
+        return Scenario("skewed_90", (big, *small), (4, *[(1, -1, 6)[i % 3] for i in range(15)]), ranks)
     lens = [num_tokens // 16] * 16
     lens[0] += num_tokens % 16
     return Scenario("mixed", tuple(lens), tuple(i % 9 - 1 for i in range(16)), ranks)
