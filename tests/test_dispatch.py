@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import HAS_TRITON
+from conftest import DEVICE, HAS_TRITON
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 MATMUL_OPS = ["sgmv_shrink", "sgmv_expand", "qkv_expand", "gate_up_expand"]
@@ -73,8 +73,8 @@ def test_embedding_has_one_kernel():
 
 
 def test_the_python_functions_run_what_explain_says(monkeypatch):
-    batch = lora_ops.LoRABatch.build([3, 2], [0, 1], [4, 4], [1.0, 1.0])
-    x, A = torch.randn(5, 8), torch.randn(2, 8, 8)
+    batch = lora_ops.LoRABatch.build([3, 2], [0, 1], [4, 4], [1.0, 1.0], device=DEVICE)
+    x, A = torch.randn(5, 8, device=DEVICE), torch.randn(2, 8, 8, device=DEVICE)
     calls = []
     real = torch.ops.lora.sgmv_shrink
 
