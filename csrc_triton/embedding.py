@@ -4,7 +4,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
 from .common import grid_1d, slot_rank
 
 
@@ -30,9 +29,6 @@ def _embedding_a_kernel(
     tl.store(out_ptrs, values, mask=token_mask[:, None] & (offs_r[None, :] < MAX_RANK))
 
 
-_launch_embedding_a_kernel = Launcher(_embedding_a_kernel)
-
-
 def launch(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
     """y (s, R): y[t, j] = A[a(t), j, ids[t]] for j < rank, else 0; zero rows for a(t) == -1."""
     num_tokens = token_ids.shape[0]
@@ -43,8 +39,7 @@ def launch(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
     block_r = triton.next_power_of_2(max_rank)
     block_t = max(1, min(64, 2048 // block_r))  # about 2048 gathered elements per program
     # grid: (token blocks,)
-    _launch_embedding_a_kernel(
-        grid_1d(1, triton.cdiv(num_tokens, block_t)),
+    _embedding_a_kernel[grid_1d(1, triton.cdiv(num_tokens, block_t))](
         token_ids, weights, out, token_adapter, adapter_rank,
         num_tokens, vocab_size, *weights.stride(), out.stride(0),
         MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=block_r,

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
 from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
 
 MAX_SLICES = 3
@@ -98,9 +97,6 @@ def _expand_chunk_kernel(
         tl.store(base_ptrs, result.to(base_ptr.dtype.element_ty), mask=tile_mask)
 
 
-_launch_expand_chunk_kernel = Launcher(_expand_chunk_kernel)
-
-
 @triton.jit
 def _expand_per_token_kernel(
     y_ptr, weights_ptr, base_ptr, token_adapter_ptr, adapter_rank_ptr, adapter_scaling_ptr,
@@ -142,9 +138,6 @@ def _expand_per_token_kernel(
                  mask=col_mask)
 
 
-_launch_expand_per_token_kernel = Launcher(_expand_per_token_kernel)
-
-
 def _chunk_config(chunk_size: int, n_total: int, max_rank: int, dtype: torch.dtype) -> dict:
     """Tiles by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
     One masked K step up to rank 64; beyond, two half-width steps, the second guarded."""
@@ -184,8 +177,7 @@ def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapt
     first_tile, ends = _slice_tiles(slice_offsets, block_n)
     num_n_tiles = first_tile[MAX_SLICES]
     # grid: (N tiles of all slices x tokens,)
-    _launch_expand_per_token_kernel(
-        grid_1d(num_n_tiles, num_tokens),
+    _expand_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
         y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
         first_tile[1], first_tile[2], *ends,
@@ -206,8 +198,8 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
     first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
     # grid: (N tiles of all slices x chunks,)
-    _launch_expand_chunk_kernel(
-        grid_1d(num_n_tiles, chunk_adapter.shape[0]), y, weights, base_output, token_order,
+    _expand_chunk_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](
+        y, weights, base_output, token_order,
         chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
         y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
         first_tile[1], first_tile[2], *ends,

@@ -21,7 +21,6 @@ import triton.language as tl
 
 from . import expand, shrink
 from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
-from .launch import Launcher
 
 # Programs a weight-gradient launch aims for (enough to fill an H100 several times over); fewer
 # make each program walk more chunks, more make more atomic adds.
@@ -84,9 +83,6 @@ def _segment_outer_kernel(
                    out_stride_adapter, out_stride_m, MAX_RANK, RANK_ON_M)
 
 
-_launch_segment_outer_kernel = Launcher(_segment_outer_kernel)
-
-
 def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
                    max_rank: int, rank_on_m: bool, chunk_size: int, permuted: bool) -> None:
     """out[a] += p_aᵀ q_a over each adapter a's tokens, within a's rank (on out's rows m modulo
@@ -105,8 +101,7 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
     groups = min(num_chunks, max(1, _TARGET_PROGRAMS // num_tiles))
     chunks_per_program = triton.cdiv(num_chunks, groups)
     # grid: (output tiles x chunk groups,)
-    _launch_segment_outer_kernel(
-        grid_1d(num_tiles, triton.cdiv(num_chunks, chunks_per_program)),
+    _segment_outer_kernel[grid_1d(num_tiles, triton.cdiv(num_chunks, chunks_per_program))](
         p, q, out, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
         num_chunks, chunks_per_program, m_size, n_size,
         p.stride(0), q.stride(0), out.stride(0), out.stride(1),
@@ -197,9 +192,6 @@ def _embedding_grad_kernel(
     tl.atomic_add(out_ptrs, grad.to(tl.float32), mask=mask)
 
 
-_launch_embedding_grad_kernel = Launcher(_embedding_grad_kernel)
-
-
 def embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab_size: int) -> torch.Tensor:
     """dA (L, R, vocab): dA[a(t), :r, ids[t]] += dy[t, :r]."""
     num_tokens, max_rank = grad_y.shape
@@ -208,8 +200,7 @@ def embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab
         block_r = triton.next_power_of_2(max_rank)
         block_t = max(1, min(64, 2048 // block_r))
         # grid: (token blocks,)
-        _launch_embedding_grad_kernel(
-            grid_1d(1, triton.cdiv(num_tokens, block_t)),
+        _embedding_grad_kernel[grid_1d(1, triton.cdiv(num_tokens, block_t))](
             grad_y, token_ids, grad_w, token_adapter, adapter_rank,
             num_tokens, vocab_size, grad_y.stride(0), grad_w.stride(0), grad_w.stride(1),
             MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=block_r,

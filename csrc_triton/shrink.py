@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
 from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
 from .workspace import arrival_counters
 
@@ -98,9 +97,6 @@ def _shrink_chunk_kernel(
             tl.atomic_xchg(counter, 0)
 
 
-_launch_shrink_chunk_kernel = Launcher(_shrink_chunk_kernel)
-
-
 @triton.jit
 def _shrink_per_token_kernel(
     x_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,
@@ -132,9 +128,6 @@ def _shrink_per_token_kernel(
     live = col_valid & (cols % MAX_RANK < rank)
     y = tl.where(live, tl.sum(acc, axis=1), 0.0)  # exact zeros past the rank
     tl.store(out_ptr + token * out_stride_row + cols, y.to(out_ptr.dtype.element_ty), mask=col_valid)
-
-
-_launch_shrink_per_token_kernel = Launcher(_shrink_per_token_kernel)
 
 
 def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int,
@@ -198,8 +191,8 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
     block_n, num_warps = (2, 4) if num_tokens <= 64 else (4, 2)
     num_n_tiles = triton.cdiv(n_total, block_n)
     # grid: (column tiles x tokens,)
-    _launch_shrink_per_token_kernel(
-        grid_1d(num_n_tiles, num_tokens), x, weights, out, token_adapter, adapter_rank,
+    _shrink_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
+        x, weights, out, token_adapter, adapter_rank,
         x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
         NUM_N_TILES=num_n_tiles, BLOCK_N=block_n,
@@ -230,8 +223,8 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
         partial = torch.empty((split_k, num_tokens, n_total), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, num_chunks * num_n_tiles)
     # grid: (N tiles x K splits x chunks,)
-    _launch_shrink_chunk_kernel(
-        grid_1d(num_n_tiles * split_k, num_chunks), x, weights, out, partial, counters,
+    _shrink_chunk_kernel[grid_1d(num_n_tiles * split_k, num_chunks)](
+        x, weights, out, partial, counters,
         token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
         in_features, x.stride(0), weights.stride(0), weights.stride(1), n_total,
         num_tokens * n_total,
