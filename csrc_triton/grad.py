@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import expand, shrink
+from .embedding import token_block_entries
 from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
 
 # Programs a weight-gradient launch aims for (enough to fill an H100 several times over); fewer
@@ -177,19 +178,14 @@ def _embedding_grad_kernel(
     MAX_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # out[a(t), j, ids[t]] += dy[t, j] for j < rank; the forward's gather, as a scatter-add
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < num_tokens
-    ids = tl.load(token_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
-    adapter = tl.load(token_adapter_ptr + tokens, mask=token_mask, other=-1)
-    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
-    valid = token_mask & (adapter >= 0) & (ids >= 0) & (ids < vocab_size)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask = valid[:, None] & (offs_r[None, :] < rank[:, None])
+    tokens, _, ids, adapter, offs_r, entries = token_block_entries(
+        token_ids_ptr, token_adapter_ptr, adapter_rank_ptr, num_tokens, vocab_size,
+        MAX_RANK, BLOCK_T, BLOCK_R)
     grad = tl.load(grad_y_ptr + tokens.to(tl.int64)[:, None] * grad_stride_row + offs_r[None, :],
-                   mask=mask, other=0.0)
+                   mask=entries, other=0.0)
     out_ptrs = (out_ptr + adapter.to(tl.int64)[:, None] * out_stride_adapter
                 + offs_r[None, :].to(tl.int64) * out_stride_row + ids[:, None])
-    tl.atomic_add(out_ptrs, grad.to(tl.float32), mask=mask)
+    tl.atomic_add(out_ptrs, grad.to(tl.float32), mask=entries)
 
 
 def embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab_size: int) -> torch.Tensor:
