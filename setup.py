@@ -14,7 +14,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         # numpy: Triton's CPU interpreter needs it
-        "test": ["triton>=3.6", "numpy", "pytest", "expecttest", "hypothesis", "peft", "transformers", "safetensors"],
+        "test": ["triton>=3.6", "numpy", "pytest", "hypothesis", "peft", "transformers", "safetensors"],
         "bench": ["triton>=3.6", "numpy", "matplotlib"],
     },
 )
