@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU half of the checks, in one call on the device machine (repo root, torch with CUDA):
 # the whole pytest suite on the GPU, the GPU tests again under compute-sanitizer memcheck, then
-# the benchmark. Logs and bench results go to $OUT (or bench_results/ when OUT is unset).
-# Usage: bash python/gpu_suite.sh [tests|sanitizer|bench]...   (default: all three)
+# the benchmark; on request the training benchmark and the two serving examples (their tokens/s).
+# Logs and bench results go to $OUT (or bench_results/ when OUT is unset).
+# Usage: bash python/gpu_suite.sh [tests|sanitizer|bench|training|examples]...
+#        (default: tests sanitizer bench)
 #        BENCH_ARGS='--time-budget 200' bash python/gpu_suite.sh bench   (arguments for bench.py)
 set -uo pipefail
 out=${OUT:-bench_results}
@@ -17,6 +19,10 @@ for step in "${@:-tests sanitizer bench}"; do
           tests/test_parity.py tests/test_cuda_graphs.py -k "real_sizes or replay" 2>&1 \
           | tee "$out/sanitizer.txt" | tail -6 || status=1 ;;
       bench) python3 python/bench.py ${BENCH_ARGS:-} 2>&1 | tee "$out/bench_log.txt" | tail -60 || status=1 ;;
+      training) python3 python/bench_training.py 2>&1 | tee "$out/bench_training.txt" | tail -20 || status=1 ;;
+      examples) for example in peft_model cuda_graph_decode train_mixed_adapters; do
+          python3 examples/$example.py 2>&1 | tee "$out/$example.txt" | tail -12 || status=1
+        done ;;
     esac
   done
 done
