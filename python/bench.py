@@ -25,7 +25,7 @@ import lora_ops
 import roofline
 from bench_cases import CASES, LLAMA3_8B, NUM_SLOTS, OP_NAMES, OPS, SMOKE_DIMS, CaseBatch, OpInputs
 from host_overhead import measure_host_overhead
-from report import COLUMNS, copy_to_out, device_short_name, report, write_csv
+from report import COLUMNS, copy_to_out, device_short_name, report, triton_version, write_csv
 from timing import CALLS_PER_GRAPH, first_line, graph_safe, time_op
 
 HOST_CALLS = 300  # back-to-back eager calls per host-overhead measurement (10 with --smoke)
@@ -155,7 +155,7 @@ def header_lines(args, device, dims, dtype, rates):
     smoke = " (smoke: tiny shapes, float32, perf_counter timing)" if args.smoke else ""
     lines = [
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}{smoke}",
-        f"torch {torch.__version__}, triton {_triton_version()}, dtype {str(dtype).replace('torch.', '')}",
+        f"torch {torch.__version__}, triton {triton_version()}, dtype {str(dtype).replace('torch.', '')}",
         f"shapes: hidden {dims.in_features}, q {dims.q_size}, kv {dims.kv_size}, "
         f"intermediate {dims.intermediate}; {NUM_SLOTS} adapter slots",
     ]
@@ -230,14 +230,6 @@ def main():
     paths = report(rows, host_rows, header, backends, out_base, host_csv=out_base + "-host.csv")
     print("wrote " + ", ".join(paths) + (f" (and copied to {os.environ['OUT']})" if os.environ.get("OUT") else ""),
           flush=True)
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:
-        return "not installed"
 
 
 if __name__ == "__main__":

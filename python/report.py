@@ -207,3 +207,11 @@ def device_short_name(device):
     name = torch.cuda.get_device_name(device).lower()
     match = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
     return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return "not installed"

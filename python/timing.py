@@ -43,12 +43,7 @@ def time_op(fn, device, allow_graph=True, target_us=2000.0):
             samples.append((time.perf_counter() - t0) * 1e6)
         return statistics.median(samples), "cpu"
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_side_stream(fn, 3)
     torch.cuda.synchronize()
 
     run, mode, graph = fn, "eager (backend declares it is not graph-capturable)", None
@@ -67,6 +62,27 @@ def time_op(fn, device, allow_graph=True, target_us=2000.0):
             mode = f"eager (capture failed: {first_line(e)})"
             torch.cuda.synchronize()
 
+    us = median_event_us(run, calls_per_run, target_us)
+    del graph
+    return us, mode
+
+
+def warm_up_on_side_stream(fn, calls):
+    """Calls fn `calls` times on a side stream joined back to the current one: the warm-up a
+    CUDA-graph capture needs (Triton compiles, cuBLAS picks its kernels) off the capture stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def median_event_us(run, calls_per_run=1, target_us=2000.0):
+    """Median microseconds per call of `run()` (which makes `calls_per_run` calls; warmed up by
+    the caller): batches of back-to-back runs of about `target_us` between a pair of CUDA
+    events, 15 batches (5 when one run takes over 1 ms)."""
+
     def elapsed_us(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -79,9 +95,7 @@ def time_op(fn, device, allow_graph=True, target_us=2000.0):
     estimate = elapsed_us(1) * calls_per_run
     runs = int(max(1, min(20, target_us // max(estimate, 1e-3))))
     repeats = 15 if estimate < 1000 else 5
-    us = statistics.median(elapsed_us(runs) for _ in range(repeats))
-    del graph
-    return us, mode
+    return statistics.median(elapsed_us(runs) for _ in range(repeats))
 
 
 def host_us_per_call(fn, device, calls, warmup=20):
