@@ -11,7 +11,6 @@ host cost of their launches, to tell a real regression from run-to-run drift.
 import importlib.util
 import statistics
 import sys
-import time
 
 import torch
 

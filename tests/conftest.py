@@ -66,3 +66,14 @@ def backends_for(dtype: torch.dtype, device: str = DEVICE) -> list[str]:
     if device == "cpu" and dtype == torch.bfloat16:
         return ["torch_native"]
     return ["torch_native", *kernel_backends()]
+
+
+def capture_op(op_case, inputs, batch, backend):
+    """(graph, its output) of one op call captured in a CUDA graph, after an eager call that
+    compiles the kernels (a capture must not compile)."""
+    op_case.run(inputs, batch, backend)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op_case.run(inputs, batch, backend)
+    return graph, out

@@ -5,7 +5,7 @@ import torch
 
 import lora_ops
 from lora_ops.testing import RecordLoraCalls
-from conftest import DEVICE, OP_CASES, SCENARIOS, Dims, backends_for, fresh_generator, make_batch
+from conftest import OP_CASES, SCENARIOS, Dims, backends_for, fresh_generator, make_batch
 
 EXPECTED_OPS = ["sgmv_shrink", "sgmv_expand", "qkv_expand", "gate_up_expand", "embedding_a"]
 

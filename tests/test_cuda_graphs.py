@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import OP_CASES, Dims, assert_close_to_reference, fresh_generator, requires_cuda
+from conftest import OP_CASES, Dims, assert_close_to_reference, capture_op, fresh_generator, requires_cuda
 from test_layers import patch_toy
 from test_serving import toy_with_two_adapters
 
@@ -46,12 +46,7 @@ BUCKETS = {
 
 def capture(op_case, batch, backend, gen):
     inputs = op_case.build(batch, DIMS, torch.bfloat16, gen)
-    op_case.run(inputs, batch, backend)  # compile the kernels before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = op_case.run(inputs, batch, backend)
-    return graph, inputs, out
+    return (*capture_op(op_case, inputs, batch, backend), inputs)
 
 
 def new_inputs(op_case, static_inputs, batch, gen):
@@ -77,7 +72,7 @@ def test_replay_with_anything_that_fits_the_bucket(op_case, bucket, backend, mat
     gen, seed = fresh_generator()
     batch = lora_ops.LoRABatch.empty(max_tokens, RANKS, scalings(RANKS), max_seqs=max_seqs,
                                      max_rank=DIMS.max_rank, device="cuda").update_(*captured)
-    graph, inputs, out = capture(op_case, batch, backend, gen)
+    graph, out, inputs = capture(op_case, batch, backend, gen)
     for name, (seq_lens, adapter_ids, ranks) in replays.items():
         batch.update_(seq_lens, adapter_ids, ranks=ranks, scalings=scalings(ranks))
         if name.startswith("per_step_auto"):
@@ -120,7 +115,8 @@ def test_two_buckets_replayed_at_once_on_two_streams(backend):
     captured = []
     for max_tokens in (8, 64):
         batch = lora_ops.LoRABatch.empty(max_tokens, RANKS, scalings(RANKS), max_rank=DIMS.max_rank, device="cuda")
-        captured.append((batch, *capture(op_case, batch, backend, gen)))
+        graph, out, inputs = capture(op_case, batch, backend, gen)
+        captured.append((batch, graph, inputs, out))
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     for step in range(5):
         for batch, _, inputs, _ in captured:

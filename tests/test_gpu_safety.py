@@ -7,8 +7,8 @@ import torch
 
 import lora_ops
 from conftest import (
-    OP_CASES, Dims, Scenario, assert_close_to_reference, force_matmul_kernels, fresh_generator,
-    make_batch, requires_cuda,
+    OP_CASES, Dims, Scenario, assert_close_to_reference, capture_op, force_matmul_kernels,
+    fresh_generator, make_batch, requires_cuda,
 )
 
 pytestmark = requires_cuda
@@ -62,11 +62,7 @@ def test_two_graphs_replayed_at_once(backend, monkeypatch):
     for scenario in (DECODE, DECODE, PREFILL):
         batch = make_batch(scenario, device="cuda")
         inputs = SHRINK.build(batch, DIMS, torch.bfloat16, gen)
-        SHRINK.run(inputs, batch, backend)  # compile the kernels before capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = SHRINK.run(inputs, batch, backend)
+        graph, out = capture_op(SHRINK, inputs, batch, backend)
         captured.append((graph, batch, inputs, out))
     streams = [torch.cuda.Stream() for _ in captured]
     for _ in range(10):
@@ -130,9 +126,7 @@ def test_no_state_leaks_between_calls(matmul_kernels):
     backends = ("triton", "csgmv")
     first = {(i, b): call[0].run(call[2], call[1], b).clone() for i, call in enumerate(calls) for b in backends}
     for i, (op_case, batch, inputs) in enumerate(calls):  # graphs in between
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            op_case.run(inputs, batch, backends[i % 2])
+        graph, _ = capture_op(op_case, inputs, batch, backends[i % 2])
         for _ in range(3):
             graph.replay()
     side = torch.cuda.Stream()
