@@ -8,7 +8,7 @@ neither, it is the base module alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,15 +18,32 @@ from .batch import LoRABatch
 from .pool import AdapterPool, ModuleSlots
 
 
-def add_lora(x: torch.Tensor, out: torch.Tensor, lora: ModuleSlots, batch: LoRABatch) -> torch.Tensor:
-    """``out + scaling * x A^T B^T`` per token, with 1, 2 (gate/up) or 3 (q/k/v) output slices:
-    one shrink and one expand. Adds into ``out`` in place under no_grad / inference mode, else
-    out of place (differentiable); returns the result."""
+def lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lora: ModuleSlots, batch: LoRABatch,
+                 pool: AdapterPool) -> torch.Tensor:
+    """``compute_base()`` (the base output for ``x``) plus ``scaling * x A^T B^T`` per token, with
+    1, 2 (gate/up) or 3 (q/k/v) output slices: one shrink and one expand. The expand adds into
+    the base output in place under no_grad / inference mode, else out of place (differentiable).
+
+    On a GPU, in inference, eager or captured in a CUDA graph (not inside ``torch.compile``),
+    the shrink runs on a side stream while the base GEMM runs (``pool.overlap_shrink``): it
+    needs only ``x``, so its launch and run hide behind the GEMM; the expand waits for both.
+    """
     x_flat = x.reshape(-1, x.shape[-1]).contiguous()
+    side = _side_stream(x, pool)
+    if side is None:
+        out = compute_base()
+        y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(lora.slice_sizes))
+    else:
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(lora.slice_sizes))
+        out = compute_base()
+        main.wait_stream(side)
+        y.record_stream(main)  # allocated on the side stream, read by the expand on this one
     out_flat = out.reshape(-1, out.shape[-1])
     sizes = lora.slice_sizes
     in_place = not torch.is_grad_enabled()  # training: out of place, no copy back into out
-    y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(sizes))
     if len(sizes) == 3:
         out_flat = ops.qkv_expand(y, lora.lora_b, batch, out_flat, sizes[0], sizes[1], in_place=in_place)
     elif len(sizes) == 2:
@@ -34,6 +51,18 @@ def add_lora(x: torch.Tensor, out: torch.Tensor, lora: ModuleSlots, batch: LoRAB
     else:
         out_flat = ops.sgmv_expand(y, lora.lora_b, batch, out_flat, [0, sizes[0]], in_place=in_place)
     return out_flat.view(out.shape)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(x: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
+    """The device's LoRA side stream where the shrink may overlap the base GEMM, else None."""
+    if not (pool.overlap_shrink and x.is_cuda) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if x.device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+    return _SIDE_STREAMS[x.device]
 
 
 class LoRALinear(nn.Module):
@@ -56,9 +85,10 @@ class LoRALinear(nn.Module):
         return self.pool.active_batch()
 
     def forward(self, x: torch.Tensor, batch: LoRABatch | None = None) -> torch.Tensor:
-        out = self.base(x)
         batch = batch if batch is not None else self.active_batch(x)
-        return out if batch is None else add_lora(x, out, self.lora, batch)
+        if batch is None:
+            return self.base(x)
+        return lora_forward(lambda: self.base(x), x, self.lora, batch, self.pool)
 
 
 class LoRAQKVLinear(LoRALinear):
@@ -111,9 +141,10 @@ class _MergedProjection:
     shrink, one fused expand. The model calls them one by one on the same input, so the first
     call computes every slice and keeps the others for the calls that follow with that input."""
 
-    def __init__(self, bases: Sequence[nn.Linear], lora: ModuleSlots):
+    def __init__(self, bases: Sequence[nn.Linear], lora: ModuleSlots, pool: AdapterPool):
         self.bases = list(bases)
         self.lora = lora
+        self.pool = pool
         self._input: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
@@ -123,7 +154,8 @@ class _MergedProjection:
             if not self._pending:
                 self._input = None
             return out
-        fused = add_lora(x, torch.cat([base(x) for base in self.bases], dim=-1), self.lora, batch)
+        fused = lora_forward(lambda: torch.cat([base(x) for base in self.bases], dim=-1), x, self.lora, batch,
+                             self.pool)
         outputs = fused.split(self.lora.slice_sizes, dim=-1)
         self._input = x
         self._pending = {i: out for i, out in enumerate(outputs) if i != index}
@@ -155,5 +187,5 @@ def merge_linears(bases: Sequence[nn.Linear], pool: AdapterPool, names: Sequence
     if not fusable or len({base.in_features for base in bases}) != 1:
         raise ValueError(f"merge_linears: {names} need one input width and q/k/v or gate/up output widths, got {sizes}")
     lora = pool.add_module("+".join(names), bases[0].in_features, sizes, bases[0].weight, slice_names=names)
-    merged = _MergedProjection(bases, lora)
+    merged = _MergedProjection(bases, lora, pool)
     return [LoRAMergedSlice(base, merged, index, pool) for index, base in enumerate(bases)]

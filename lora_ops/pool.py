@@ -101,12 +101,13 @@ class AdapterPool:
     model inside ``with pool.adapters(["name", None, ...]):``.
     """
 
-    def __init__(self, max_adapters: int, max_rank: int, trainable: bool = False):
+    def __init__(self, max_adapters: int, max_rank: int, trainable: bool = False, overlap_shrink: bool = True):
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"max_adapters and max_rank must be positive, got {max_adapters}, {max_rank}")
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.trainable = trainable
+        self.overlap_shrink = overlap_shrink  # GPU inference: shrink on a side stream beside the base GEMM
         # adapter name -> (its config, {module: its ModuleLoRA as loaded}): what save writes back
         self._loaded: dict[str, tuple[Mapping, dict[str, ModuleLoRA]]] = {}
         self.modules: dict[str, ModuleSlots] = {}

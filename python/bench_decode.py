@@ -5,24 +5,27 @@ The model: a stack of Llama-3-8B layers (hidden 4096, 32 query / 8 key-value hea
 decodes one token per sequence: every layer writes the token's key and value into its static KV
 cache at the current position and attends over the cache (scaled_dot_product_attention, masked
 past the position, which is the cache's last: every step attends over all of it).
-``lora_ops.patch_model`` wraps the seven projections (q/k/v and gate/up fused: 8 LoRA ops per
-layer); an ``AdapterPool`` holds 8 adapters of one rank, random A and B loaded as PEFT state dicts.
+As in a serving engine, q/k/v and gate/up are fused linears (one base GEMM each);
+``lora_ops.patch_model`` wraps the four linears of each layer (8 LoRA ops per layer: a shrink and
+an expand each) and an ``AdapterPool`` holds 8 adapters of one rank on all seven Llama
+projections, random A and B loaded as PEFT state dicts (the pool maps q/k/v and gate/up onto the
+fused linears' slices).
 
-For each rank and batch size the step is captured in two CUDA graphs, each replayed as one step:
+For each rank and batch size the step is captured in CUDA graphs, each replayed as one step:
 the base graph, outside any adapters block (the LoRA layers call their base linears only), and
-the LoRA graph, inside ``pool.adapters(batch)`` on a fixed-capacity batch (``pool.empty_batch``)
-whose contents ``batch.update_`` writes before the replays. Three configurations:
+the LoRA graphs, inside ``pool.adapters(batch)`` on a fixed-capacity batch (``pool.empty_batch``)
+whose contents ``batch.update_`` writes before the replays. Four configurations:
 
-  base         the base graph: the step without LoRA;
-  LoRA         the LoRA graph, the sequences round-robin over the 8 adapters;
-  no adapter   the LoRA graph, no sequence with an adapter (what a served batch without LoRA
-               costs in a graph captured for LoRA).
-
-Everything the LoRA graph adds counts as LoRA's cost, the fused projections' concatenation of
-their base outputs (``merge_linears``: one copy per fused projection) included.
+  base             the base graph: the step without LoRA;
+  LoRA             the LoRA graph, the sequences round-robin over the 8 adapters; the layers run
+                   each shrink on a side stream beside the base GEMM (the default,
+                   ``pool.overlap_shrink``);
+  LoRA sequential  the same with ``pool.overlap_shrink = False``: every LoRA kernel after its GEMM;
+  no adapter       the LoRA graph, no sequence with an adapter (what a served batch without LoRA
+                   costs in a graph captured for LoRA).
 
 Checks, once per configuration before timing: the base step makes no LoRA op call and the LoRA
-step 8 per layer; one replay's output equals the eager step's (relative norm of the
+steps 8 per layer; one replay's output equals the eager step's (relative norm of the
 difference <= the dtype's eps: the same kernels on the same inputs, so anything beyond a changed
 summation order would be a bug); no adapter equals base (bit for bit is expected: the kernels
 leave tokens without adapter untouched and the base GEMMs are the same calls; within the eps if
@@ -57,9 +60,10 @@ from report import column_table, copy_to_out, device_short_name, triton_version,
 from timing import median_event_us, time_op, warm_up_on_side_stream
 
 NUM_ADAPTERS = 8
+FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LORA_TARGETS = {16: 1.05, 64: 1.10}  # rank -> the most a step with LoRA may cost, in steps without LoRA
 NO_ADAPTER_TARGET = 1.02  # a batch without adapters, x the step without LoRA
-CONFIGS = ("base", "lora", "no_adapter")
+CONFIGS = ("base", "lora", "lora_sequential", "no_adapter")
 WARMUP_REPLAYS = 3
 TARGET_US_PER_SAMPLE = 10_000.0  # back-to-back replays per CUDA-event pair: about this long
 
@@ -79,7 +83,7 @@ LLAMA3_8B = Shapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate
 SMOKE = Shapes(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2, cache_len=16)
 
 
-# ---- the model: plain torch modules named as Llama's, so patch_model finds the projections ----
+# ---- the model: plain torch modules with a serving engine's fused q/k/v and gate/up linears ----
 
 
 def rotate(x, rotary):
@@ -98,9 +102,8 @@ class Attention(nn.Module):
         self.shapes = shapes
         q_size, kv_size = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
         make = dict(bias=False, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(shapes.hidden, q_size, **make)
-        self.k_proj = nn.Linear(shapes.hidden, kv_size, **make)
-        self.v_proj = nn.Linear(shapes.hidden, kv_size, **make)
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(shapes.hidden, sum(self.sizes), **make)
         self.o_proj = nn.Linear(q_size, shapes.hidden, **make)
         cache_shape = (max_batch, shapes.kv_heads, shapes.cache_len, shapes.head_dim)
         self.register_buffer("k_cache", torch.randn(cache_shape, device=device, dtype=dtype), persistent=False)
@@ -110,9 +113,10 @@ class Attention(nn.Module):
         shapes, batch_size = self.shapes, x.shape[0]
         group = shapes.heads // shapes.kv_heads
         # each key-value head's query heads become its rows of queries: no key-value repeat
-        queries = rotate(self.q_proj(x).view(batch_size, shapes.kv_heads, group, shapes.head_dim), rotary)
-        key = rotate(self.k_proj(x).view(batch_size, shapes.kv_heads, 1, shapes.head_dim), rotary)
-        value = self.v_proj(x).view(batch_size, shapes.kv_heads, 1, shapes.head_dim)
+        query, key, value = self.qkv_proj(x).split(self.sizes, dim=-1)
+        queries = rotate(query.reshape(batch_size, shapes.kv_heads, group, shapes.head_dim), rotary)
+        key = rotate(key.reshape(batch_size, shapes.kv_heads, 1, shapes.head_dim), rotary)
+        value = value.reshape(batch_size, shapes.kv_heads, 1, shapes.head_dim)
         keys, values = self.k_cache[:batch_size], self.v_cache[:batch_size]
         keys.index_copy_(2, position, key)
         values.index_copy_(2, position, value)
@@ -124,12 +128,12 @@ class MLP(nn.Module):
     def __init__(self, shapes, device, dtype):
         super().__init__()
         make = dict(bias=False, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(shapes.hidden, shapes.intermediate, **make)
-        self.up_proj = nn.Linear(shapes.hidden, shapes.intermediate, **make)
+        self.gate_up_proj = nn.Linear(shapes.hidden, 2 * shapes.intermediate, **make)
         self.down_proj = nn.Linear(shapes.intermediate, shapes.hidden, **make)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -178,15 +182,27 @@ def random_adapter(projections, rank, generator, device, dtype):
     return state
 
 
+def adapter_projections(shapes):
+    """{PEFT module path: (in, out)} of the seven Llama projections of every layer: adapters
+    target the unfused names, which the pool maps onto slices of the fused linears."""
+    q_size, kv_size = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    widths = dict(q_proj=(shapes.hidden, q_size), k_proj=(shapes.hidden, kv_size), v_proj=(shapes.hidden, kv_size),
+                  o_proj=(q_size, shapes.hidden), gate_proj=(shapes.hidden, shapes.intermediate),
+                  up_proj=(shapes.hidden, shapes.intermediate), down_proj=(shapes.intermediate, shapes.hidden))
+    parent = dict(q_proj="self_attn", k_proj="self_attn", v_proj="self_attn", o_proj="self_attn")
+    return {f"layers.{layer}.{parent.get(name, 'mlp')}.{name}": width
+            for layer in range(shapes.layers) for name, width in widths.items()}
+
+
 def lora_model(shapes, rank, max_batch, device, dtype):
     """The stack (same weights and cache for every rank: seeded), patched, with NUM_ADAPTERS
     random adapters of ``rank`` loaded (alpha = rank: scaling 1)."""
     torch.manual_seed(0)
     model = DecodeStack(shapes, max_batch, device, dtype).eval()
-    projections = {name: (module.in_features, module.out_features) for name, module in model.named_modules()
-                   if name.rpartition(".")[2] in LLAMA_TARGETS}
     pool = lora_ops.AdapterPool(max_adapters=NUM_ADAPTERS, max_rank=rank)
-    lora_ops.patch_model(model, pool, target_modules=LLAMA_TARGETS, fuse_qkv=True, fuse_gate_up=True)
+    lora_ops.patch_model(model, pool, target_modules=FUSED_TARGETS,
+                         qkv_sizes=(shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim))
+    projections = adapter_projections(shapes)
     config = lora_config(rank, rank, list(LLAMA_TARGETS))
     generator = torch.Generator(device=device).manual_seed(rank)
     for index in range(NUM_ADAPTERS):
@@ -229,8 +245,11 @@ def correctness(eager, replayed, lora_calls, expected_lora_calls, tolerance):
     problems = []
     if lora_calls["base"]:
         problems.append(f"the base step made {lora_calls['base']} LoRA op calls")
-    if lora_calls["lora"] != expected_lora_calls:
-        problems.append(f"the LoRA step made {lora_calls['lora']} LoRA op calls, not {expected_lora_calls}")
+    for config in ("lora", "lora_sequential"):
+        if lora_calls[config] != expected_lora_calls:
+            problems.append(f"the {config} step made {lora_calls[config]} LoRA op calls, not {expected_lora_calls}")
+    if not torch.equal(replayed["lora"], replayed["lora_sequential"]):
+        problems.append("the side-stream shrinks change the output")
     for config in CONFIGS:
         difference = relative_difference(replayed[config], eager[config])
         if difference > tolerance:
@@ -250,21 +269,26 @@ def correctness(eager, replayed, lora_calls, expected_lora_calls, tolerance):
                   f"no adapter = base {no_adapter}, LoRA moves the output {lora_effect:.2f}")
 
 
-def measure_batch_size(model, pool, position, batch_size, shapes, device, dtype):
+def measure_batch_size(model, pool, position, batch_size, shapes, device, dtype, profile=False):
     """Step times (us) of the three configurations and the correctness line, for one batch size."""
     x = torch.randn(batch_size, shapes.hidden, device=device, dtype=dtype)
     batch = pool.empty_batch(batch_size)
-    adapter_slots = {"lora": [i % NUM_ADAPTERS for i in range(batch_size)], "no_adapter": [-1] * batch_size}
+    round_robin = [i % NUM_ADAPTERS for i in range(batch_size)]
+    adapter_slots = {"lora": round_robin, "lora_sequential": round_robin, "no_adapter": [-1] * batch_size}
 
     def base_step():  # no adapters block: every LoRA layer calls its base linear only
         with torch.no_grad():
             return model(x, position)
 
-    def lora_step():
-        with torch.no_grad(), pool.adapters(batch):
-            return model(x, position)
+    def lora_step(overlap_shrink):
+        def step():
+            pool.overlap_shrink = overlap_shrink
+            with torch.no_grad(), pool.adapters(batch):
+                return model(x, position)
+        return step
 
-    steps = {"base": base_step, "lora": lora_step, "no_adapter": lora_step}
+    steps = {"base": base_step, "lora": lora_step(True), "lora_sequential": lora_step(False),
+             "no_adapter": lora_step(True)}
 
     def use(config):  # the batch's contents for the configuration (the base step ignores it)
         if config in adapter_slots:
@@ -278,8 +302,8 @@ def measure_batch_size(model, pool, position, batch_size, shapes, device, dtype)
         lora_calls[config] = len(recorder.calls)
 
     use("lora")
-    base_replay, lora_replay = capture(base_step, device), capture(lora_step, device)
-    replays = {"base": base_replay, "lora": lora_replay, "no_adapter": lora_replay}
+    replays = {config: capture(steps[config], device) for config in CONFIGS if config != "no_adapter"}
+    replays["no_adapter"] = replays["lora"]
     replayed = {}
     for config in CONFIGS:
         use(config)
@@ -293,11 +317,37 @@ def measure_batch_size(model, pool, position, batch_size, shapes, device, dtype)
     for config in CONFIGS:
         use(config)
         times[config] = step_us(replays[config][0], device)
+    if profile:
+        for config in CONFIGS:
+            use(config)
+            print(kernel_profile(replays[config][0], times[config], f"{config}, batch {batch_size}"), flush=True)
     return times, passed, check
+
+
+def kernel_profile(replay, step_time_us, title, replays=20):
+    """Lines on one configuration's replays under torch.profiler: the kernels by total time,
+    the LoRA kernels' share, and the GPU's idle time per step (step time - kernel time; with
+    the side stream, overlapping kernels make this a lower bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    kernels = [(event.key, event.count // replays, event.self_device_time_total / replays)
+               for event in prof.key_averages() if event.self_device_time_total > 0]
+    kernels.sort(key=lambda kernel: -kernel[2])
+    busy = sum(us for _, _, us in kernels)
+    lora = sum(us for name, _, us in kernels if name.startswith("_") and "kernel" in name)  # lora_ops' Triton kernels
+    lines = [f"profile ({title}): step {step_time_us:.1f} us, kernels {busy:.1f} us (LoRA kernels {lora:.1f} us), "
+             f"GPU idle >= {step_time_us - busy:.1f} us per step"]
+    lines += [f"    {us:8.2f} us  x{count:<4d} {name[:90]}" for name, count, us in kernels[:12]]
+    return "\n".join(lines)
 
 
 def result_row(rank, batch_size, times, passed, check):
     row = dict(rank=rank, batch=batch_size, base_us=times["base"], lora_us=times["lora"],
+               sequential_us=times["lora_sequential"], sequential_ratio=times["lora_sequential"] / times["base"],
                no_adapter_us=times["no_adapter"], lora_ratio=times["lora"] / times["base"],
                no_adapter_ratio=times["no_adapter"] / times["base"], check=check)
     for kind, limit in (("lora", LORA_TARGETS.get(rank)), ("no_adapter", NO_ADAPTER_TARGET)):
@@ -311,7 +361,8 @@ def result_row(rank, batch_size, times, passed, check):
 
 COLUMNS = [  # (key, header, format): the markdown table and the CSV
     ("rank", "rank", "{}"), ("batch", "batch", "{}"), ("base_us", "base us", "{:.1f}"),
-    ("lora_us", "LoRA us", "{:.1f}"), ("no_adapter_us", "no adapter us", "{:.1f}"),
+    ("lora_us", "LoRA us", "{:.1f}"), ("sequential_us", "LoRA sequential us", "{:.1f}"),
+    ("no_adapter_us", "no adapter us", "{:.1f}"), ("sequential_ratio", "sequential / base", "{:.3f}"),
     ("lora_ratio", "LoRA / base", "{:.3f}"), ("lora_target", "target", "{}"), ("lora_verdict", "verdict", "{}"),
     ("no_adapter_ratio", "no adapter / base", "{:.3f}"), ("no_adapter_target", "target", "{}"),
     ("no_adapter_verdict", "verdict", "{}"), ("check", "check", "{}"),
@@ -330,6 +381,9 @@ def parse_args():
     parser.add_argument("--backend", help="lora_ops backend (default auto; torch_native with --smoke, where "
                         "triton and csgmv run in Triton's interpreter)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny float32 shapes, eager steps, no graphs")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="at these batch sizes, also profile the graphs' kernels (torch.profiler): "
+                             "the LoRA kernels' time per step and the GPU's idle time between kernels")
     parser.add_argument("--out-dir", default="bench_results")
     return parser.parse_args()
 
@@ -347,11 +401,12 @@ def header_lines(args, shapes, batch_sizes, device, dtype, backend, memory_gb):
         f"{shapes.kv_heads} key-value heads of {shapes.head_dim}, MLP {shapes.intermediate}), random weights; "
         f"one new token per sequence attending over a KV cache of {shapes.cache_len} positions; no embedding "
         f"or LM head; {memory_gb:.3g} GB of weights, KV cache and LoRA pool at the largest rank",
-        f"LoRA: {NUM_ADAPTERS} adapters of one rank on q/k/v, o, gate/up, down (q/k/v and gate/up fused: "
-        f"8 LoRA ops per layer); ranks {args.ranks}; batch sizes {batch_sizes}, one token per sequence",
+        f"LoRA: {NUM_ADAPTERS} adapters of one rank on q/k/v, o, gate/up, down (fused q/k/v and gate/up "
+        f"linears, as in a serving engine: 8 LoRA ops per layer); ranks {args.ranks}; batch sizes {batch_sizes}, one token per sequence",
         "configurations: base = the step without LoRA (the patched model outside any adapters block); "
-        "LoRA = sequences round-robin over the adapters; no adapter = the LoRA graph with no sequence "
-        "on an adapter",
+        "LoRA = sequences round-robin over the adapters, shrinks on a side stream beside the base GEMMs; "
+        "LoRA sequential = the same, every LoRA kernel after its GEMM; no adapter = the LoRA graph with "
+        "no sequence on an adapter",
         "timing: perf_counter around eager steps, median of 5" if device.type != "cuda" else
         "timing: one CUDA graph per step (captured once per rank and batch size), back-to-back replays "
         "between CUDA events after warm-up, median per replay",
@@ -388,11 +443,13 @@ def main():
             model, pool = lora_model(shapes, rank, max(batch_sizes), device, dtype)
             memory_gb = model_gb(model, pool)  # the last, at the largest rank, goes to the header
             for batch_size in batch_sizes:
-                times, passed, check = measure_batch_size(model, pool, position, batch_size, shapes, device, dtype)
+                times, passed, check = measure_batch_size(model, pool, position, batch_size, shapes, device, dtype,
+                                                           profile=batch_size in args.profile and device.type == "cuda")
                 rows.append(result_row(rank, batch_size, times, passed, check))
                 row = rows[-1]
                 print(f"[{time.perf_counter() - t_start:6.1f}s] rank {rank:3d} batch {batch_size:4d}: base "
-                      f"{row['base_us']:9.1f} us, LoRA {row['lora_ratio']:.3f}x, no adapter "
+                      f"{row['base_us']:9.1f} us, LoRA {row['lora_ratio']:.3f}x (sequential "
+                      f"{row['sequential_ratio']:.3f}x), no adapter "
                       f"{row['no_adapter_ratio']:.3f}x; {check}", flush=True)
                 write_csv(rows, out_base + ".csv", COLUMNS)  # after every row: a run cut short keeps its rows
             del model, pool

@@ -165,3 +165,43 @@ def test_patched_model_graphs_per_bucket_follow_requests_and_loads():
             with pool.adapters(batch):
                 expected = ours(token_ids)
             torch.testing.assert_close(out, expected, msg=f"step {step}: {names}")
+
+
+def test_shrink_on_the_side_stream_equals_the_sequential_path(monkeypatch):
+    """``pool.overlap_shrink``: the layers run the shrink on a side stream beside the base GEMM.
+    Eager and replayed from a graph (new inputs, other adapters), the output equals the
+    sequential path's bit for bit, and the shrinks really ran on the side stream."""
+    block, adapters = toy_with_two_adapters()
+    ours, pool = patch_toy(block.cuda().to(torch.bfloat16), adapters)
+    shrink_streams = []
+    shrink = lora_ops.ops.sgmv_shrink
+
+    def recording_shrink(*args, **kwargs):
+        shrink_streams.append(torch.cuda.current_stream())
+        return shrink(*args, **kwargs)
+
+    monkeypatch.setattr(lora_ops.ops, "sgmv_shrink", recording_shrink)
+    batch = pool.empty_batch(16)
+    token_ids = torch.zeros(16, 1, dtype=torch.long, device="cuda")
+
+    def run(overlap, names):
+        pool.overlap_shrink = overlap
+        batch.update_([1] * len(names), pool.slots(names))
+        with torch.no_grad(), pool.adapters(batch):
+            return ours(token_ids).clone()
+
+    with torch.no_grad(), pool.adapters(batch):
+        ours(token_ids)  # compiles the kernels before the capture
+    torch.cuda.synchronize()
+    pool.overlap_shrink = True
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), pool.adapters(batch), torch.cuda.graph(graph):
+        replayed = ours(token_ids)
+    main = torch.cuda.current_stream()
+    assert shrink_streams and all(stream != main for stream in shrink_streams[-4:]), "the shrinks ran on the main stream"
+    for names in (["r4", None, "r2"] * 5, ["r2"] * 16, [None] * 3):
+        token_ids.copy_(torch.randint(0, 40, token_ids.shape))
+        sequential = run(False, names)
+        assert torch.equal(run(True, names), sequential), f"eager side stream: {names}"
+        graph.replay()
+        assert torch.equal(replayed, sequential), f"replayed side stream: {names}"
