@@ -22,7 +22,7 @@ def _shrink_chunk_kernel(
     token_order_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr, adapter_rank_ptr,
     in_features, x_stride_row, w_stride_adapter, w_stride_row, out_stride_row, partial_stride_split,
     N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr, TILES_PER_SLICE: tl.constexpr,
-    NUM_N_TILES: tl.constexpr, FUSED_SLICES: tl.constexpr, SLICES: tl.constexpr,
+    NUM_N_TILES: tl.constexpr, FUSED_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
@@ -45,8 +45,7 @@ def _shrink_chunk_kernel(
         cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < N_TOTAL
         live = col_valid & (cols % MAX_RANK < rank)
-    else:  # tiles never cross a slice, so a tile past the rank is skipped whole. With SLICES > 1
-        # a program computes this tile of every slice (cols + s * MAX_RANK), reading x once.
+    else:  # tiles never cross a slice, so a tile past the rank is skipped whole
         col_in_slice = (n_tile % TILES_PER_SLICE) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = (n_tile // TILES_PER_SLICE) * MAX_RANK + col_in_slice
         col_valid = col_in_slice < MAX_RANK
@@ -55,9 +54,8 @@ def _shrink_chunk_kernel(
     out_mask = row_mask[:, None] & col_valid[None, :]
     if tl.max(live.to(tl.int32), axis=0) == 0:  # rank padding or no adapter: zeros, no weights
         if split == 0:  # every split takes this branch; one writes the zeros
-            for s in tl.static_range(SLICES):
-                tl.store(out_ptr + tile_offs + s * MAX_RANK, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty),
-                         mask=out_mask)
+            tl.store(out_ptr + tile_offs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty),
+                     mask=out_mask)
         return
 
     offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -65,35 +63,21 @@ def _shrink_chunk_kernel(
     # Weight tile loaded as (K, N): rows past the rank are masked, never read.
     w_ptrs = (weight_ptr + adapter.to(tl.int64) * w_stride_adapter
               + cols[None, :].to(tl.int64) * w_stride_row + offs_k[:, None])
-    slice_step = MAX_RANK * w_stride_row.to(tl.int64)  # from a slice's weight rows to the next's
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # slices 1 and 2 when SLICES > 1
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(split * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
         if EVEN_K:
-            x_mask = row_mask[:, None]
-            w_mask = live[None, :]
+            x_tile = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=live[None, :], other=0.0)
         else:
             k_mask = offs_k + (k - split * BLOCK_K) < in_features
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            w_mask = live[None, :] & k_mask[:, None]
-        x_tile = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        acc += dot(x_tile, tl.load(w_ptrs, mask=w_mask, other=0.0), IEEE_DOT)
-        if SLICES > 1:
-            acc1 += dot(x_tile, tl.load(w_ptrs + slice_step, mask=w_mask, other=0.0), IEEE_DOT)
-        if SLICES > 2:
-            acc2 += dot(x_tile, tl.load(w_ptrs + 2 * slice_step, mask=w_mask, other=0.0), IEEE_DOT)
+            x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=live[None, :] & k_mask[:, None], other=0.0)
+        acc += dot(x_tile, w_tile, IEEE_DOT)
         x_ptrs += BLOCK_K * SPLIT_K
         w_ptrs += BLOCK_K * SPLIT_K
     acc = tl.where(live[None, :], acc, 0.0)  # exact zeros past the rank, even for non-finite x
     if SPLIT_K == 1:
         tl.store(out_ptr + tile_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-        if SLICES > 1:
-            tl.store(out_ptr + tile_offs + MAX_RANK, tl.where(live[None, :], acc1, 0.0).to(out_ptr.dtype.element_ty),
-                     mask=out_mask)
-        if SLICES > 2:
-            tl.store(out_ptr + tile_offs + 2 * MAX_RANK,
-                     tl.where(live[None, :], acc2, 0.0).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Split-K in one launch: store the fp32 partial, then count arrivals on this
         # (chunk, N tile)'s counter. The last split to arrive sums all partials in split order
@@ -146,7 +130,7 @@ def _shrink_per_token_kernel(
     tl.store(out_ptr + token * out_stride_row + cols, y.to(out_ptr.dtype.element_ty), mask=col_valid)
 
 
-def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int, num_slices: int,
+def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int,
                   dtype: torch.dtype, num_tokens: int) -> dict:
     """Tiles by shape (deterministic, no autotuning: a CUDA-graph capture must not tune).
 
@@ -155,7 +139,7 @@ def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int
     ``_prefill_config``. num_tokens is a tensor size, so the choice is graph-safe.
     """
     if chunk_size >= 64:
-        config = _prefill_config(chunk_size, n_total, max_rank, num_slices, num_tokens)
+        config = _prefill_config(chunk_size, n_total, max_rank, num_tokens)
     else:
         slice_width = max(16, triton.next_power_of_2(max_rank))
         block_n = min(slice_width, 16 if chunk_size <= 16 else 64)
@@ -172,11 +156,10 @@ def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int
     return config
 
 
-def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_slices: int, num_tokens: int) -> dict:
+def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: int) -> dict:
     """Prefill tiles. All slices' columns fit one tile (n_total <= 64, e.g. rank 16 on 3
     slices): FUSED_SLICES, x read once per chunk; K split when there are fewer than 128 chunks,
-    so the SMs fill. Wider: one program per slice tile (rank 32), or per 64-column tile of every
-    slice at once (rank >= 64: SLICES, x read once per tile instead of once per slice)."""
+    so the SMs fill. Wider (rank >= 32 on several slices): one program per slice tile."""
     tiles = triton.cdiv(num_tokens, chunk_size)  # live chunks, about (a tensor size)
     if n_total <= 64:
         config = dict(FUSED=True, BLOCK_N=max(16, triton.next_power_of_2(n_total)),
@@ -190,10 +173,10 @@ def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_slices: in
         return config
     block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
     if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
-        # shared memory per stage: x's tile and one weight tile per slice
-        return dict(BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=1, SLICES=num_slices,
+        # a 5th stage helps 2 slice tiles (gate-up) and costs residency with 3 (qkv)
+        return dict(BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=1,
                     num_warps=8 if chunk_size >= 128 else 4,
-                    num_stages=5 if num_slices <= 2 else 4)
+                    num_stages=5 if n_total <= 128 else 4)
     return dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=3)
 
 
@@ -228,16 +211,12 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
     out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
     if num_tokens == 0 or n_total == 0:
         return out
-    cfg = _chunk_config(chunk_size, n_total, in_features, max_rank, num_slices, x.dtype, num_tokens)
+    cfg = _chunk_config(chunk_size, n_total, in_features, max_rank, x.dtype, num_tokens)
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     num_chunks = chunk_adapter.shape[0]  # static upper bound: counters for every grid chunk
     fused_slices = cfg.get("FUSED", False)
-    slices = cfg.get("SLICES", 1)  # slices per program (split K needs 1)
     tiles_per_slice = triton.cdiv(max_rank, block_n)
-    if fused_slices:
-        num_n_tiles = triton.cdiv(n_total, block_n)
-    else:
-        num_n_tiles = num_slices // slices * tiles_per_slice
+    num_n_tiles = triton.cdiv(n_total, block_n) if fused_slices else num_slices * tiles_per_slice
     if split_k == 1:
         partial, counters = out, out  # not read
     else:  # one launch: fp32 partials + per-(chunk, N tile) arrival counters
@@ -250,7 +229,7 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
         in_features, x.stride(0), weights.stride(0), weights.stride(1), n_total,
         num_tokens * n_total,
         N_TOTAL=n_total, MAX_RANK=max_rank, TILES_PER_SLICE=tiles_per_slice,
-        NUM_N_TILES=num_n_tiles, FUSED_SLICES=fused_slices, SLICES=slices,
+        NUM_N_TILES=num_n_tiles, FUSED_SLICES=fused_slices,
         BLOCK_M=chunk_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=in_features % (block_k * split_k) == 0, PERMUTED=permuted,
         IEEE_DOT=ieee_dot(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -58,18 +58,6 @@ def test_chunk_boundaries(op_case, chunk_size, poisoned_empty, monkeypatch):
         check_op(op_case, scenario, torch.float32, backend, chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("max_rank", [64, 128])
-@pytest.mark.parametrize("op_case", [case for case in OP_CASES if case.name.startswith("shrink")], ids=lambda c: c.name)
-def test_prefill_shrink_tiles_of_every_slice(op_case, max_rank, poisoned_empty, monkeypatch):
-    """Prefill chunks (64 tokens) at rank >= 64: a program computes one column tile of every
-    slice; ranks below, at and above a tile's width, 0 and the maximum."""
-    force_matmul_kernels(monkeypatch, per_token=False)
-    scenario = Scenario(f"prefill_rank_{max_rank}", (70, 1, 90, 39), (0, 1, 2, 3), (max_rank, max_rank // 2 + 6, 0, 5))
-    for backend in backends_for(torch.float32):
-        check_op(op_case, scenario, torch.float32, backend, dims=Dims(in_features=96, max_rank=max_rank),
-                 chunk_size=64)
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 def test_layer_matches_peft_formula(scenario, dtype, poisoned_empty):
