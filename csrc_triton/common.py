@@ -50,6 +50,16 @@ def ieee_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+# Host-side sizes of every launch. (triton.cdiv and triton.next_power_of_2 are JIT functions:
+# from the host each call costs about 3 us, several per launch.)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def grid_1d(num_tiles: int, num_row_blocks: int) -> tuple[int]:
     """The 1-D grid of ``num_tiles`` x ``num_row_blocks`` programs (see tile_and_row_block)."""
     programs = num_tiles * num_row_blocks

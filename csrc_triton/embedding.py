@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import grid_1d, slot_rank
+from .common import cdiv, grid_1d, next_power_of_2, slot_rank
 
 
 @triton.jit
@@ -47,10 +47,10 @@ def launch(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
     out = torch.empty((num_tokens, max_rank), dtype=weights.dtype, device=weights.device)
     if num_tokens == 0 or max_rank == 0:
         return out
-    block_r = triton.next_power_of_2(max_rank)
+    block_r = next_power_of_2(max_rank)
     block_t = max(1, min(64, 2048 // block_r))  # about 2048 gathered elements per program
     # grid: (token blocks,)
-    _embedding_a_kernel[grid_1d(1, triton.cdiv(num_tokens, block_t))](
+    _embedding_a_kernel[grid_1d(1, cdiv(num_tokens, block_t))](
         token_ids, weights, out, token_adapter, adapter_rank,
         num_tokens, vocab_size, *weights.stride(), out.stride(0),
         MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=block_r,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
+from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
 
 MAX_SLICES = 3
 
@@ -146,7 +146,7 @@ def _chunk_config(chunk_size: int, n_total: int, max_rank: int, dtype: torch.dty
         block_n = 64  # small decode batches: more programs in flight over a narrow output
     if dtype == torch.float32 and chunk_size >= 64:
         block_n = 64  # fp32 base tile and accumulator both live in registers
-    k_max = max(16, triton.next_power_of_2(max_rank))
+    k_max = max(16, next_power_of_2(max_rank))
     two_steps = k_max > 64
     block_k = k_max // 2 if two_steps else k_max
     return dict(block_n=block_n, block_k=block_k, two_steps=two_steps, num_warps=4, num_stages=1)
@@ -161,7 +161,7 @@ def _slice_tiles(slice_offsets, block_n: int) -> tuple[list[int], list[int]]:
     ends = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
     first_tile = [0]
     for start, end in zip([0] + ends[:-1], ends):
-        first_tile.append(first_tile[-1] + triton.cdiv(end - start, block_n))
+        first_tile.append(first_tile[-1] + cdiv(end - start, block_n))
     return first_tile, ends
 
 
@@ -172,7 +172,7 @@ def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapt
     if num_tokens == 0:
         return
     max_rank = weights.shape[2]
-    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_r = max(16, next_power_of_2(max_rank))
     block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
     first_tile, ends = _slice_tiles(slice_offsets, block_n)
     num_n_tiles = first_tile[MAX_SLICES]

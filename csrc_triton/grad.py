@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import expand, shrink
 from .embedding import token_block_entries
-from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
+from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
 
 # Programs a weight-gradient launch aims for (enough to fill an H100 several times over); fewer
 # make each program walk more chunks, more make more atomic adds.
@@ -93,16 +93,16 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
     num_chunks = chunk_adapter.shape[0]
     if num_tokens == 0 or m_size == 0 or n_size == 0:
         return
-    block_m = min(64, max(16, triton.next_power_of_2(m_size)))
-    block_n = min(128, max(16, triton.next_power_of_2(n_size)))
+    block_m = min(64, max(16, next_power_of_2(m_size)))
+    block_n = min(128, max(16, next_power_of_2(n_size)))
     if p.dtype == torch.float32:
         block_n = min(block_n, 64)  # fp32 tiles: half the registers' worth
-    num_m_tiles = triton.cdiv(m_size, block_m)
-    num_tiles = num_m_tiles * triton.cdiv(n_size, block_n)
+    num_m_tiles = cdiv(m_size, block_m)
+    num_tiles = num_m_tiles * cdiv(n_size, block_n)
     groups = min(num_chunks, max(1, _TARGET_PROGRAMS // num_tiles))
-    chunks_per_program = triton.cdiv(num_chunks, groups)
+    chunks_per_program = cdiv(num_chunks, groups)
     # grid: (output tiles x chunk groups,)
-    _segment_outer_kernel[grid_1d(num_tiles, triton.cdiv(num_chunks, chunks_per_program))](
+    _segment_outer_kernel[grid_1d(num_tiles, cdiv(num_chunks, chunks_per_program))](
         p, q, out, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
         num_chunks, chunks_per_program, m_size, n_size,
         p.stride(0), q.stride(0), out.stride(0), out.stride(1),
@@ -193,10 +193,10 @@ def embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab
     num_tokens, max_rank = grad_y.shape
     grad_w = torch.zeros(adapter_rank.shape[0], max_rank, vocab_size, dtype=torch.float32, device=grad_y.device)
     if num_tokens and max_rank:
-        block_r = triton.next_power_of_2(max_rank)
+        block_r = next_power_of_2(max_rank)
         block_t = max(1, min(64, 2048 // block_r))
         # grid: (token blocks,)
-        _embedding_grad_kernel[grid_1d(1, triton.cdiv(num_tokens, block_t))](
+        _embedding_grad_kernel[grid_1d(1, cdiv(num_tokens, block_t))](
             grad_y, token_ids, grad_w, token_adapter, adapter_rank,
             num_tokens, vocab_size, grad_y.stride(0), grad_w.stride(0), grad_w.stride(1),
             MAX_RANK=max_rank, BLOCK_T=block_t, BLOCK_R=block_r,

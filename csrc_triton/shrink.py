@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk_rows, dot, grid_1d, ieee_dot, slot_rank, tile_and_row_block
+from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
 from .workspace import arrival_counters
 
 
@@ -141,7 +141,7 @@ def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int
     if chunk_size >= 64:
         config = _prefill_config(chunk_size, n_total, max_rank, num_tokens)
     else:
-        slice_width = max(16, triton.next_power_of_2(max_rank))
+        slice_width = max(16, next_power_of_2(max_rank))
         block_n = min(slice_width, 16 if chunk_size <= 16 else 64)
         if num_tokens <= 4:  # at most 4 live chunks: one 256-wide K tile per program
             config = dict(BLOCK_K=256, SPLIT_K=16, num_warps=4, num_stages=1)
@@ -160,9 +160,9 @@ def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: in
     """Prefill tiles. All slices' columns fit one tile (n_total <= 64, e.g. rank 16 on 3
     slices): FUSED_SLICES, x read once per chunk; K split when there are fewer than 128 chunks,
     so the SMs fill. Wider (rank >= 32 on several slices): one program per slice tile."""
-    tiles = triton.cdiv(num_tokens, chunk_size)  # live chunks, about (a tensor size)
+    tiles = cdiv(num_tokens, chunk_size)  # live chunks, about (a tensor size)
     if n_total <= 64:
-        config = dict(FUSED=True, BLOCK_N=max(16, triton.next_power_of_2(n_total)),
+        config = dict(FUSED=True, BLOCK_N=max(16, next_power_of_2(n_total)),
                       BLOCK_K=128, SPLIT_K=1, num_warps=8,
                       num_stages=5 if chunk_size <= 64 else 3)  # 5 x 32 KB of shared memory
         if tiles < 128:  # fp32 partials are small next to x
@@ -171,7 +171,7 @@ def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: in
         elif n_total > 32 and chunk_size <= 64:
             config.update(BLOCK_K=64, num_stages=8)
         return config
-    block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
+    block_n = min(64, max(16, next_power_of_2(max_rank)))
     if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
         # a 5th stage helps 2 slice tiles (gate-up) and costs residency with 3 (qkv)
         return dict(BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=1,
@@ -189,14 +189,14 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
         return out
     # 2 columns x 4 warps up to 64 tokens, 4 x 2 beyond (bench_results/NOTES.md)
     block_n, num_warps = (2, 4) if num_tokens <= 64 else (4, 2)
-    num_n_tiles = triton.cdiv(n_total, block_n)
+    num_n_tiles = cdiv(n_total, block_n)
     # grid: (column tiles x tokens,)
     _shrink_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         x, weights, out, token_adapter, adapter_rank,
         x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
         NUM_N_TILES=num_n_tiles, BLOCK_N=block_n,
-        BLOCK_K=min(2048, triton.next_power_of_2(in_features)), num_warps=num_warps,
+        BLOCK_K=min(2048, next_power_of_2(in_features)), num_warps=num_warps,
     )
     return out
 
@@ -215,8 +215,8 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
     block_n, block_k, split_k = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     num_chunks = chunk_adapter.shape[0]  # static upper bound: counters for every grid chunk
     fused_slices = cfg.get("FUSED", False)
-    tiles_per_slice = triton.cdiv(max_rank, block_n)
-    num_n_tiles = triton.cdiv(n_total, block_n) if fused_slices else num_slices * tiles_per_slice
+    tiles_per_slice = cdiv(max_rank, block_n)
+    num_n_tiles = cdiv(n_total, block_n) if fused_slices else num_slices * tiles_per_slice
     if split_k == 1:
         partial, counters = out, out  # not read
     else:  # one launch: fp32 partials + per-(chunk, N tile) arrival counters

@@ -31,6 +31,8 @@ Conventions shared by every op and every backend:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import checks, torch_native
@@ -87,8 +89,10 @@ def _register(name: str, fake, impl) -> None:
         _lib.impl(name, impl, device)
 
 
+@functools.cache
 def _triton_kernels():
-    """The Triton kernel modules, imported on first use."""
+    """The Triton kernel modules, imported on first use (cached: an import statement costs
+    host time on every call)."""
     import csrc_triton.embedding
     import csrc_triton.expand
     import csrc_triton.grad
