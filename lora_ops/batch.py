@@ -201,6 +201,12 @@ class LoRABatch:
     prefers_adapter_sorting: bool
     max_seqs: int | None = None  # sequences a fixed-capacity batch holds; None: a per-step batch
 
+    def __post_init__(self):
+        if self.device.type == "cuda" and not torch.compiler.is_compiling():
+            from csrc_triton import workspace  # torch only: no Triton import
+
+            workspace.prepare(self.device)  # the split-K counters of graph captures, outside any graph pool
+
     @property
     def num_tokens(self) -> int:
         return self.token_adapter.shape[0]

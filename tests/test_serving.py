@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_ops
-from conftest import OP_CASES, Dims, backends_for, fresh_generator, force_matmul_kernels
+from conftest import DEVICE, OP_CASES, Dims, backends_for, fresh_generator, force_matmul_kernels
 from test_layers import ToyBlock, patch_toy, toy_adapters
 
 DIMS = Dims(in_features=16, max_rank=4, q_size=8, kv_size=4, intermediate=8, vocab=20)
@@ -20,12 +20,12 @@ CASES = [case for case in OP_CASES if case.name in ("shrink_3slice", "qkv_expand
 def test_padding_gets_no_lora_and_live_tokens_match_a_batch_of_their_own(op_case, per_token, monkeypatch):
     force_matmul_kernels(monkeypatch, per_token)
     gen, _ = fresh_generator()
-    padded = lora_ops.LoRABatch.empty(10, RANKS, SCALINGS, max_seqs=4).update_(SEQ_LENS, ADAPTERS)
-    live = lora_ops.LoRABatch.build(SEQ_LENS, ADAPTERS, RANKS, SCALINGS)
+    padded = lora_ops.LoRABatch.empty(10, RANKS, SCALINGS, max_seqs=4, device=DEVICE).update_(SEQ_LENS, ADAPTERS)
+    live = lora_ops.LoRABatch.build(SEQ_LENS, ADAPTERS, RANKS, SCALINGS, device=DEVICE)
     inputs = op_case.build(padded, DIMS, torch.float32, gen)
     live_inputs = {name: value[:6] if isinstance(value, torch.Tensor) and name not in ("A", "B") else value
                    for name, value in inputs.items()}
-    for backend in backends_for(torch.float32, "cpu"):
+    for backend in backends_for(torch.float32):
         out = op_case.run(inputs, padded, backend)
         torch.testing.assert_close(out[:6], op_case.run(live_inputs, live, backend))
         padding = inputs["base"][6:] if "base" in inputs else torch.zeros_like(out[6:])
