@@ -7,7 +7,9 @@ step pads it to the next bucket (1, 2, 4, ... tokens), writes the step's adapter
 bucket's fixed-capacity batch (``batch.update_``: in place, no host synchronisation) and runs
 the model -- eagerly, through ``torch.compile``, or by replaying the bucket's CUDA graph.
 
-1. The changing-requests run: every mode's next-token choices must equal eager's.
+1. The changing-requests run: every mode's next-token choices must be eager's, up to near ties
+   as close as the same run without adapters decides differently (compiled code rounds
+   differently from eager; graphs replay eager's kernels).
 2. Timing at fixed live batch sizes: latency per step and tokens/s per mode.
 
 On a GPU: bfloat16, eager vs compiled (mode="reduce-overhead") vs CUDA graphs. On the CPU (tiny
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -295,22 +297,29 @@ def main() -> None:
     events = schedule(config, args.steps, generator)
     first_tokens = torch.randint(0, config.vocab, (config.max_requests,), generator=generator).to(DEVICE)
     print(f"changing requests: {args.steps} steps, live batch sizes {[len(live) for live in events]}")
+    # The same schedule with no adapters: how far a mode's own rounding (compiled code fuses and
+    # rounds differently from eager) moves the choices without LoRA -- the bound for the LoRA run.
+    schedules = {"LoRA": events, "no adapter": [[replace(request, adapter=None) for request in live]
+                                                for live in events]}
     servers, eager_logits = {}, None
     for mode in modes:
         servers[mode] = Server(model, pool, mode)
         if mode == "graphs":
             servers[mode].capture()
-        model.k_cache.zero_(), model.v_cache.zero_()
-        forced = None if eager_logits is None else [logits.argmax(-1) for logits in eager_logits]
-        logits = decode(servers[mode], events, first_tokens, forced)
+        runs = {}
+        for name, requests in schedules.items():
+            model.k_cache.zero_(), model.v_cache.zero_()
+            forced = None if eager_logits is None else [logits.argmax(-1) for logits in eager_logits[name]]
+            runs[name] = decode(servers[mode], requests, first_tokens, forced)
         if eager_logits is None:
-            eager_logits = logits
-            print(f"  {mode:>8}: {sum(map(len, logits))} tokens (the reference)")
+            eager_logits = runs
+            print(f"  {mode:>8}: {sum(map(len, runs['LoRA']))} tokens per schedule (the reference)")
             continue
-        agree, worst_gap = compare_choices(logits, eager_logits)
+        (agree, worst_gap), (_, base_gap) = (compare_choices(runs[name], eager_logits[name]) for name in schedules)
         print(f"  {mode:>8}: {100 * agree:.2f} % of the tokens chosen as eager chose them; largest eager-logit "
-              f"gap of another choice {100 * worst_gap:.3f} % of the logit range (a near tie)")
-        assert worst_gap <= 0.01, f"{mode} chose tokens that eager ranks well below its own choice"
+              f"gap of another choice {100 * worst_gap:.3f} % of the logit range ({100 * base_gap:.3f} % "
+              "without adapters)")
+        assert worst_gap <= max(0.01, 2 * base_gap), f"{mode} chose tokens that eager ranks well below its own choice"
 
     print(f"\n{'batch':>6} " + " ".join(f"{mode + ' ms/step':>18} {mode + ' tok/s':>16}" for mode in modes))
     for batch_size in args.batch_sizes:
