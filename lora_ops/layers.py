@@ -25,11 +25,12 @@ def lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lora
     the base output in place under no_grad / inference mode, else out of place (differentiable).
 
     On a GPU, in inference, eager or captured in a CUDA graph (not inside ``torch.compile``),
-    the shrink runs on a side stream while the base GEMM runs (``pool.overlap_shrink``): it
-    needs only ``x``, so its launch and run hide behind the GEMM; the expand waits for both.
+    for up to OVERLAP_MAX_TOKENS tokens, the shrink runs on a side stream while the base GEMM
+    runs (``pool.overlap_shrink``): it needs only ``x``, so its launch and run hide behind the
+    GEMM; the expand waits for both.
     """
     x_flat = x.reshape(-1, x.shape[-1]).contiguous()
-    side = _side_stream(x, pool)
+    side = _side_stream(x_flat, pool)
     if side is None:
         out = compute_base()
         y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(lora.slice_sizes))
@@ -53,16 +54,22 @@ def lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lora
     return out_flat.view(out.shape)
 
 
+# Measured on an H100 (decode step, 8 Llama-3-8B layers, bench_results/NOTES.md): the side
+# stream saves 0.7-3.3 % of a step at 1-128 tokens and costs 0.9-2.8 % at 256, where the GEMMs
+# fill the GPU and the shrink only competes with them.
+OVERLAP_MAX_TOKENS = 128
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(x: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
+def _side_stream(x_flat: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
     """The device's LoRA side stream where the shrink may overlap the base GEMM, else None."""
-    if not (pool.overlap_shrink and x.is_cuda) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if (not (pool.overlap_shrink and x_flat.is_cuda) or x_flat.shape[0] > OVERLAP_MAX_TOKENS
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return None
-    if x.device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
-    return _SIDE_STREAMS[x.device]
+    device = x_flat.device
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class LoRALinear(nn.Module):

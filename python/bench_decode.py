@@ -17,9 +17,9 @@ the LoRA graphs, inside ``pool.adapters(batch)`` on a fixed-capacity batch (``po
 whose contents ``batch.update_`` writes before the replays. Four configurations:
 
   base             the base graph: the step without LoRA;
-  LoRA             the LoRA graph, the sequences round-robin over the 8 adapters; the layers run
-                   each shrink on a side stream beside the base GEMM (the default,
-                   ``pool.overlap_shrink``);
+  LoRA             the LoRA graph, the sequences round-robin over the 8 adapters; up to 128
+                   tokens the layers run each shrink on a side stream beside the base GEMM
+                   (the default, ``pool.overlap_shrink``);
   LoRA sequential  the same with ``pool.overlap_shrink = False``: every LoRA kernel after its GEMM;
   no adapter       the LoRA graph, no sequence with an adapter (what a served batch without LoRA
                    costs in a graph captured for LoRA).
@@ -402,10 +402,12 @@ def header_lines(args, shapes, batch_sizes, device, dtype, backend, memory_gb):
         f"one new token per sequence attending over a KV cache of {shapes.cache_len} positions; no embedding "
         f"or LM head; {memory_gb:.3g} GB of weights, KV cache and LoRA pool at the largest rank",
         f"LoRA: {NUM_ADAPTERS} adapters of one rank on q/k/v, o, gate/up, down (fused q/k/v and gate/up "
-        f"linears, as in a serving engine: 8 LoRA ops per layer); ranks {args.ranks}; batch sizes {batch_sizes}, one token per sequence",
+        f"linears, as in a serving engine: 8 LoRA ops per layer); ranks {args.ranks}; batch sizes "
+        f"{batch_sizes}, one token per sequence",
         "configurations: base = the step without LoRA (the patched model outside any adapters block); "
-        "LoRA = sequences round-robin over the adapters, shrinks on a side stream beside the base GEMMs; "
-        "LoRA sequential = the same, every LoRA kernel after its GEMM; no adapter = the LoRA graph with "
+        "LoRA = sequences round-robin over the adapters, shrinks on a side stream beside the base GEMMs "
+        "(up to 128 tokens); LoRA sequential = the same, every LoRA kernel after its GEMM; no adapter = "
+        "the LoRA graph with "
         "no sequence on an adapter",
         "timing: perf_counter around eager steps, median of 5" if device.type != "cuda" else
         "timing: one CUDA graph per step (captured once per rank and batch size), back-to-back replays "
