@@ -37,9 +37,9 @@ def prepare(device: torch.device) -> None:
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """``count`` zeroed counters that no other launch uses."""
-    arena = _arenas.get(device)
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing() or arena is None \
-            or arena[1] + count > arena[0].numel():
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    arena = _arenas.get(device) if capturing else None
+    if arena is None or arena[1] + count > arena[0].numel():
         return _zeros(count, device)
     start = arena[1]
     arena[1] += count

@@ -12,7 +12,7 @@ from .dispatch import (
 from .ops import SCHEMAS, embedding_a, gate_up_expand, qkv_expand, sgmv_expand, sgmv_shrink
 # model-facing: LoRA layers, the adapter pool, PEFT adapters, patching a model
 from .layers import (LoRAEmbedding, LoRAGateUpLinear, LoRALinear, LoRALMHead, LoRAMergedSlice, LoRAQKVLinear,
-                     lora_forward, merge_linears)
+                     add_lora, merge_linears)
 from .patch import patch_model
 from .peft import AdapterError
 from .pool import AdapterPool
@@ -22,5 +22,5 @@ __all__ = [
     "LoRAArgumentError", "LoRABatch", "SCHEMAS", "default_chunk_size", "embedding_a", "explain",
     "gate_up_expand", "qkv_expand", "resolve", "sgmv_expand", "sgmv_shrink", "use_backend",
     "AdapterError", "AdapterPool", "LoRAEmbedding", "LoRAGateUpLinear", "LoRALMHead", "LoRALinear",
-    "LoRAMergedSlice", "LoRAQKVLinear", "lora_forward", "merge_linears", "patch_model",
+    "LoRAMergedSlice", "LoRAQKVLinear", "add_lora", "merge_linears", "patch_model",
 ]

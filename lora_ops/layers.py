@@ -8,6 +8,7 @@ neither, it is the base module alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,30 +19,40 @@ from .batch import LoRABatch
 from .pool import AdapterPool, ModuleSlots
 
 
-def lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lora: ModuleSlots, batch: LoRABatch,
-                 pool: AdapterPool) -> torch.Tensor:
-    """``compute_base()`` (the base output for ``x``) plus ``scaling * x A^T B^T`` per token, with
-    1, 2 (gate/up) or 3 (q/k/v) output slices: one shrink and one expand. The expand adds into
-    the base output in place under no_grad / inference mode, else out of place (differentiable).
+def add_lora(x: torch.Tensor, out: torch.Tensor, lora: ModuleSlots, batch: LoRABatch) -> torch.Tensor:
+    """``out + scaling * x A^T B^T`` per token, with 1, 2 (gate/up) or 3 (q/k/v) output slices:
+    one shrink and one expand. Adds into ``out`` in place under no_grad / inference mode, else
+    out of place (differentiable); returns the result."""
+    return _add_expanded(_shrink(x, lora, batch), out, lora, batch)
+
+
+def _lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lora: ModuleSlots,
+                  batch: LoRABatch, pool: AdapterPool) -> torch.Tensor:
+    """``add_lora(x, compute_base(), ...)``, where ``compute_base()`` is the base output for ``x``.
 
     On a GPU, in inference, eager or captured in a CUDA graph (not inside ``torch.compile``),
     for up to OVERLAP_MAX_TOKENS tokens, the shrink runs on a side stream while the base GEMM
     runs (``pool.overlap_shrink``): it needs only ``x``, so its launch and run hide behind the
     GEMM; the expand waits for both.
     """
-    x_flat = x.reshape(-1, x.shape[-1]).contiguous()
-    side = _side_stream(x_flat, pool)
+    side = _side_stream(x, pool)
     if side is None:
-        out = compute_base()
-        y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(lora.slice_sizes))
-    else:
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            y = ops.sgmv_shrink(x_flat, lora.lora_a, batch, len(lora.slice_sizes))
-        out = compute_base()
-        main.wait_stream(side)
-        y.record_stream(main)  # allocated on the side stream, read by the expand on this one
+        return add_lora(x, compute_base(), lora, batch)
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        y = _shrink(x, lora, batch)
+    out = compute_base()
+    main.wait_stream(side)
+    y.record_stream(main)  # allocated on the side stream, read by the expand on this one
+    return _add_expanded(y, out, lora, batch)
+
+
+def _shrink(x: torch.Tensor, lora: ModuleSlots, batch: LoRABatch) -> torch.Tensor:
+    return ops.sgmv_shrink(x.reshape(-1, x.shape[-1]).contiguous(), lora.lora_a, batch, len(lora.slice_sizes))
+
+
+def _add_expanded(y: torch.Tensor, out: torch.Tensor, lora: ModuleSlots, batch: LoRABatch) -> torch.Tensor:
     out_flat = out.reshape(-1, out.shape[-1])
     sizes = lora.slice_sizes
     in_place = not torch.is_grad_enabled()  # training: out of place, no copy back into out
@@ -61,12 +72,12 @@ OVERLAP_MAX_TOKENS = 128
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(x_flat: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
+def _side_stream(x: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
     """The device's LoRA side stream where the shrink may overlap the base GEMM, else None."""
-    if (not (pool.overlap_shrink and x_flat.is_cuda) or x_flat.shape[0] > OVERLAP_MAX_TOKENS
+    if (not (pool.overlap_shrink and x.is_cuda) or math.prod(x.shape[:-1]) > OVERLAP_MAX_TOKENS
             or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return None
-    device = x_flat.device
+    device = x.device
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
@@ -95,7 +106,7 @@ class LoRALinear(nn.Module):
         batch = batch if batch is not None else self.active_batch(x)
         if batch is None:
             return self.base(x)
-        return lora_forward(lambda: self.base(x), x, self.lora, batch, self.pool)
+        return _lora_forward(lambda: self.base(x), x, self.lora, batch, self.pool)
 
 
 class LoRAQKVLinear(LoRALinear):
@@ -161,8 +172,8 @@ class _MergedProjection:
             if not self._pending:
                 self._input = None
             return out
-        fused = lora_forward(lambda: torch.cat([base(x) for base in self.bases], dim=-1), x, self.lora, batch,
-                             self.pool)
+        fused = _lora_forward(lambda: torch.cat([base(x) for base in self.bases], dim=-1), x, self.lora, batch,
+                              self.pool)
         outputs = fused.split(self.lora.slice_sizes, dim=-1)
         self._input = x
         self._pending = {i: out for i, out in enumerate(outputs) if i != index}

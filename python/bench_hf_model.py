@@ -22,6 +22,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import torch
 
@@ -157,7 +158,6 @@ def main():
                         forward()
                         ms = median_event_us(forward, target_us=20_000.0) / 1e3
                     else:
-                        import time
                         start = time.perf_counter()
                         forward()
                         ms = (time.perf_counter() - start) * 1e3
