@@ -103,6 +103,7 @@ def _shrink_per_token_kernel(
     x_stride_row, w_stride_adapter, w_stride_row, out_stride_row,
     IN_FEATURES: tl.constexpr, N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr,
     NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EXIT_WITHOUT_ADAPTER: tl.constexpr,
 ):
     # One program per (BLOCK_N columns, token), a GEMV without the chunk plan: with a handful of
     # tokens, re-reading the adapter's rows per token costs less than the plan's dependent loads
@@ -110,9 +111,14 @@ def _shrink_per_token_kernel(
     col_tile, token = tile_and_row_block(NUM_N_TILES)
     token = token.to(tl.int64)
     adapter = tl.load(token_adapter_ptr + token)
-    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N_TOTAL
+    out_ptrs = out_ptr + token * out_stride_row + cols
+    if EXIT_WITHOUT_ADAPTER:
+        if adapter < 0:  # no adapter (or padding): zeros, x is not read
+            tl.store(out_ptrs, tl.zeros((BLOCK_N,), out_ptr.dtype.element_ty), mask=col_valid)
+            return
+    rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     # Rows past the rank are read too (they exist) and zeroed below: loading does not wait on rank.
     w_rows = (weight_ptr + adapter.to(tl.int64) * w_stride_adapter
               + cols[:, None].to(tl.int64) * w_stride_row)
@@ -127,7 +133,7 @@ def _shrink_per_token_kernel(
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     live = col_valid & (cols % MAX_RANK < rank)
     y = tl.where(live, tl.sum(acc, axis=1), 0.0)  # exact zeros past the rank
-    tl.store(out_ptr + token * out_stride_row + cols, y.to(out_ptr.dtype.element_ty), mask=col_valid)
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=col_valid)
 
 
 def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int,
@@ -187,8 +193,11 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
     out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
     if num_tokens == 0 or n_total == 0:
         return out
-    # 2 columns x 4 warps up to 64 tokens, 4 x 2 beyond (bench_results/NOTES.md)
-    block_n, num_warps = (2, 4) if num_tokens <= 64 else (4, 2)
+    # 2 columns x 4 warps up to 64 tokens, 4 x 2 beyond (bench_results/NOTES.md). Up to 64
+    # tokens a program without adapter exits before reading x (4 % faster at 32 tokens on an
+    # H100); beyond, waiting for the adapter before the x loads costs 10 % at 256 tokens.
+    small = num_tokens <= 64
+    block_n, num_warps = (2, 4) if small else (4, 2)
     num_n_tiles = cdiv(n_total, block_n)
     # grid: (column tiles x tokens,)
     _shrink_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
@@ -196,7 +205,7 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
         x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
         NUM_N_TILES=num_n_tiles, BLOCK_N=block_n,
-        BLOCK_K=min(2048, next_power_of_2(in_features)), num_warps=num_warps,
+        BLOCK_K=min(2048, next_power_of_2(in_features)), EXIT_WITHOUT_ADAPTER=small, num_warps=num_warps,
     )
     return out
 
