@@ -30,10 +30,11 @@ def _lora_forward(compute_base: Callable[[], torch.Tensor], x: torch.Tensor, lor
                   batch: LoRABatch, pool: AdapterPool) -> torch.Tensor:
     """``add_lora(x, compute_base(), ...)``, where ``compute_base()`` is the base output for ``x``.
 
-    On a GPU, in inference, eager or captured in a CUDA graph (not inside ``torch.compile``),
-    for up to OVERLAP_MAX_TOKENS tokens, the shrink runs on a side stream while the base GEMM
-    runs (``pool.overlap_shrink``): it needs only ``x``, so its launch and run hide behind the
-    GEMM; the expand waits for both.
+    While a CUDA graph is captured (in inference, not inside ``torch.compile``), for up to
+    OVERLAP_MAX_TOKENS tokens, the shrink runs on a side stream beside the base GEMM
+    (``pool.overlap_shrink``): it needs only ``x``, so its launch and run hide behind the GEMM;
+    the expand waits for both. Eager calls stay on one stream: there the host is the bottleneck,
+    and the fork and join cost host time.
     """
     side = _side_stream(x, pool)
     if side is None:
@@ -75,7 +76,8 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 def _side_stream(x: torch.Tensor, pool: AdapterPool) -> torch.cuda.Stream | None:
     """The device's LoRA side stream where the shrink may overlap the base GEMM, else None."""
     if (not (pool.overlap_shrink and x.is_cuda) or math.prod(x.shape[:-1]) > OVERLAP_MAX_TOKENS
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not torch.cuda.is_current_stream_capturing()):
         return None
     device = x.device
     if device not in _SIDE_STREAMS:

@@ -168,9 +168,10 @@ def test_patched_model_graphs_per_bucket_follow_requests_and_loads():
 
 
 def test_shrink_on_the_side_stream_equals_the_sequential_path(monkeypatch):
-    """``pool.overlap_shrink``: the layers run the shrink on a side stream beside the base GEMM.
-    Eager and replayed from a graph (new inputs, other adapters), the output equals the
-    sequential path's bit for bit, and the shrinks really ran on the side stream."""
+    """``pool.overlap_shrink``: in a captured graph the layers run the shrink on a side stream
+    beside the base GEMM; eager calls stay on the main stream. Eager and replayed from a graph
+    (new inputs, other adapters), the output equals the sequential path's bit for bit, and the
+    captured shrinks really ran on the side stream."""
     block, adapters = toy_with_two_adapters()
     ours, pool = patch_toy(block.cuda().to(torch.bfloat16), adapters)
     shrink_streams = []
@@ -190,18 +191,23 @@ def test_shrink_on_the_side_stream_equals_the_sequential_path(monkeypatch):
         with torch.no_grad(), pool.adapters(batch):
             return ours(token_ids).clone()
 
+    pool.overlap_shrink = True
     with torch.no_grad(), pool.adapters(batch):
         ours(token_ids)  # compiles the kernels before the capture
     torch.cuda.synchronize()
-    pool.overlap_shrink = True
+    main = torch.cuda.current_stream()
+    assert shrink_streams and all(stream == main for stream in shrink_streams), "eager shrinks left the main stream"
+    eager_shrinks = len(shrink_streams)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), pool.adapters(batch), torch.cuda.graph(graph):
+        capture_stream = torch.cuda.current_stream()
         replayed = ours(token_ids)
-    main = torch.cuda.current_stream()
-    assert shrink_streams and all(stream != main for stream in shrink_streams[-4:]), "the shrinks ran on the main stream"
+    captured = shrink_streams[eager_shrinks:]
+    assert captured and all(stream not in (main, capture_stream) for stream in captured), \
+        "the captured shrinks ran on the capture stream"
     for names in (["r4", None, "r2"] * 5, ["r2"] * 16, [None] * 3):
         token_ids.copy_(torch.randint(0, 40, token_ids.shape))
         sequential = run(False, names)
-        assert torch.equal(run(True, names), sequential), f"eager side stream: {names}"
+        assert torch.equal(run(True, names), sequential), f"eager, overlap_shrink on: {names}"
         graph.replay()
         assert torch.equal(replayed, sequential), f"replayed side stream: {names}"
