@@ -165,6 +165,30 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def _to_device_in_one_copy(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU int32 tensors on ``device`` by one copy: views into one buffer, each starting at a
+    16-byte boundary (the alignment Triton specializes pointers on)."""
+    if device.type == "cpu":
+        return tensors
+    offsets = [0]
+    for tensor in tensors:
+        offsets.append(offsets[-1] + -(-tensor.numel() // 4) * 4)
+    packed = torch.empty(offsets[-1], dtype=torch.int32)
+    for tensor, start in zip(tensors, offsets):
+        packed[start:start + tensor.numel()] = tensor
+    packed = _to_device(packed, device)
+    return [packed[start:start + tensor.numel()] for tensor, start in zip(tensors, offsets)]
+
+
+def _plan_into(token_adapter: torch.Tensor, segment_plan: ChunkPlan, sorted_plan: ChunkPlan) -> None:
+    """Both chunk plans of ``token_adapter`` (on their device), in place: token order, and
+    sorted by adapter."""
+    segment_plan.cut_runs_(token_adapter)
+    sort_order = torch.sort(token_adapter, stable=True).indices
+    sorted_plan.token_order.copy_(sort_order)
+    sorted_plan.cut_runs_(token_adapter[sort_order])
+
+
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got {chunk_size}")
@@ -270,10 +294,7 @@ class LoRABatch:
 
     def _plan_(self) -> None:
         """Both chunk plans from ``token_adapter``, in place; device ops only."""
-        self.segment_plan.cut_runs_(self.token_adapter)
-        sort_order = torch.sort(self.token_adapter, stable=True).indices
-        self.sorted_plan.token_order.copy_(sort_order)
-        self.sorted_plan.cut_runs_(self.token_adapter[sort_order])
+        _plan_into(self.token_adapter, self.segment_plan, self.sorted_plan)
 
     @classmethod
     def build(
@@ -318,10 +339,11 @@ class LoRABatch:
     ) -> LoRABatch:
         """Metadata from the adapter slot of every token (``-1`` = no adapter).
 
-        Validates on the host once (reads the ids back if they are on a GPU), then builds the
-        chunk plans on ``device`` with device ops only. ``max_segments`` bounds the number of
-        runs of one adapter in token order (``build`` passes the number of sequences); it sizes
-        the segment plan. Default: the runs of this batch.
+        Validates on the host once (reads the ids back if they are on a GPU), builds the chunk
+        plans there and moves everything to ``device`` in one copy: a few host ops instead of
+        dozens of small kernel launches per batch. ``max_segments`` bounds the number of runs
+        of one adapter in token order (``build`` passes the number of sequences); it sizes the
+        segment plan. Default: the runs of this batch.
         """
         device = torch.device(device or _device_of(token_adapter_ids))
         token_adapter = _as_cpu_tensor(token_adapter_ids, "token_adapter_ids", torch.int64)
@@ -340,20 +362,27 @@ class LoRABatch:
                 f"max_segments ({max_segments}) is below the batch's {run_lengths.numel()} runs of one adapter"
             )
         segment_chunks, sorted_chunks = _plan_sizes(num_tokens, max_segments, num_slots, chunk_size)
+        segment_needed = _num_chunks_needed(run_lengths, chunk_size)
+        sorted_needed = _num_chunks_needed(torch.bincount(token_adapter + 1, minlength=num_slots + 1), chunk_size)
+        cpu = torch.device("cpu")
+        segment_plan = ChunkPlan.empty(num_tokens, segment_chunks, chunk_size, cpu)
+        sorted_plan = ChunkPlan.empty(num_tokens, sorted_chunks, chunk_size, cpu)
+        token_adapter = token_adapter.to(torch.int32)
+        _plan_into(token_adapter, segment_plan, sorted_plan)
+        plan_fields = ("token_order", "chunk_adapter", "chunk_start", "chunk_len")
+        # float32 scalings travel as their int32 bits, so one buffer holds everything
+        tensors = [token_adapter, rank.to(torch.int32), scaling.view(torch.int32),
+                   *(getattr(plan, field) for plan in (segment_plan, sorted_plan) for field in plan_fields)]
+        token_adapter, adapter_rank, scaling_bits, *plan_tensors = _to_device_in_one_copy(tensors, device)
         batch = cls(
-            token_adapter=token_adapter.to(device=device, dtype=torch.int32),
-            adapter_rank=rank.to(device=device, dtype=torch.int32),
-            adapter_scaling=scaling.to(device),
-            segment_plan=ChunkPlan.empty(num_tokens, segment_chunks, chunk_size, device),
-            sorted_plan=ChunkPlan.empty(num_tokens, sorted_chunks, chunk_size, device),
+            token_adapter=token_adapter,
+            adapter_rank=adapter_rank,
+            adapter_scaling=scaling_bits.view(torch.float32),
+            segment_plan=ChunkPlan(*plan_tensors[:4], chunk_size, segment_needed),
+            sorted_plan=ChunkPlan(*plan_tensors[4:], chunk_size, sorted_needed),
             max_rank=int(rank.max()) if num_slots else 0,
-            prefers_adapter_sorting=False,
+            prefers_adapter_sorting=sorted_needed < segment_needed,
         )
-        batch._plan_()
-        batch.segment_plan.chunks_needed = _num_chunks_needed(run_lengths, chunk_size)
-        adapter_counts = torch.bincount(token_adapter + 1, minlength=num_slots + 1)
-        batch.sorted_plan.chunks_needed = _num_chunks_needed(adapter_counts, chunk_size)
-        batch.prefers_adapter_sorting = batch.sorted_plan.chunks_needed < batch.segment_plan.chunks_needed
         return batch
 
     @classmethod
