@@ -10,8 +10,9 @@ A ``LoRABatch`` holds, on the device:
   ``sorted_plan`` for the ``csgmv`` backend first stable-sorts the tokens by adapter, so each
   adapter's tokens form one run, then cuts the same way.
 
-Plans are computed from ``token_adapter`` with device ops only (no host synchronisation); their
-number of chunks is a static upper bound — ``cdiv(s, chunk_size)`` plus the number of runs
+Plans are computed from ``token_adapter`` without host synchronisation: on the host when the ids
+come from the host (then everything goes over in one copy), by device ops when they are on the
+GPU already. Their number of chunks is a static upper bound — ``cdiv(s, chunk_size)`` plus the number of runs
 (``max_segments``, or ``L + 1`` adapter groups once sorted), and never more than ``s`` since a chunk
 holds at least one token — and unused chunks have length 0.
 
@@ -63,6 +64,9 @@ class ChunkPlan:
     @property
     def num_chunks(self) -> int:
         return self.chunk_adapter.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.token_order, self.chunk_adapter, self.chunk_start, self.chunk_len]
 
     @classmethod
     def empty(cls, num_tokens: int, num_chunks: int, chunk_size: int, device) -> ChunkPlan:
@@ -165,19 +169,36 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _to_device_in_one_copy(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """CPU int32 tensors on ``device`` by one copy: views into one buffer, each starting at a
-    16-byte boundary (the alignment Triton specializes pointers on)."""
-    if device.type == "cpu":
-        return tensors
+def _packed(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """CPU int32 tensors laid end to end in one buffer, each starting at a 16-byte boundary
+    (the alignment Triton specializes pointers on); returns the buffer and the start offsets."""
     offsets = [0]
     for tensor in tensors:
         offsets.append(offsets[-1] + -(-tensor.numel() // 4) * 4)
-    packed = torch.empty(offsets[-1], dtype=torch.int32)
+    packed = torch.zeros(offsets[-1], dtype=torch.int32)
     for tensor, start in zip(tensors, offsets):
         packed[start:start + tensor.numel()] = tensor
-    packed = _to_device(packed, device)
-    return [packed[start:start + tensor.numel()] for tensor, start in zip(tensors, offsets)]
+    return packed, offsets[:-1]
+
+
+def _to_device_in_one_copy(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list]:
+    """CPU int32 tensors on ``device`` by one copy: (the device buffer, the tensors as views into it)."""
+    packed, offsets = _packed(tensors)
+    buffer = _to_device(packed, device)
+    return buffer, [buffer[start:start + tensor.numel()] for tensor, start in zip(tensors, offsets)]
+
+
+def _host_metadata(ids: torch.Tensor, capacity: int, segment_chunks: int, sorted_chunks: int,
+                   chunk_size: int) -> list[torch.Tensor]:
+    """On the host: the token adapters ``ids`` padded with -1 to ``capacity``, then both plans'
+    tensors (segment plan, sorted plan; ``ChunkPlan.tensors`` order)."""
+    token_adapter = torch.full((capacity,), -1, dtype=torch.int32)
+    token_adapter[:ids.shape[0]] = ids
+    cpu = torch.device("cpu")
+    segment_plan = ChunkPlan.empty(capacity, segment_chunks, chunk_size, cpu)
+    sorted_plan = ChunkPlan.empty(capacity, sorted_chunks, chunk_size, cpu)
+    _plan_into(token_adapter, segment_plan, sorted_plan)
+    return [token_adapter, *segment_plan.tensors(), *sorted_plan.tensors()]
 
 
 def _plan_into(token_adapter: torch.Tensor, segment_plan: ChunkPlan, sorted_plan: ChunkPlan) -> None:
@@ -224,6 +245,9 @@ class LoRABatch:
     # its static plan sizes.
     prefers_adapter_sorting: bool
     max_seqs: int | None = None  # sequences a fixed-capacity batch holds; None: a per-step batch
+    # A fixed-capacity batch's token_adapter and plan tensors are views into this one buffer,
+    # so update_ from host values writes them all with one copy.
+    metadata_buffer: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.device.type == "cuda" and not torch.compiler.is_compiling():
@@ -293,7 +317,7 @@ class LoRABatch:
                 chunks.chunk_len, self.adapter_rank)
 
     def _plan_(self) -> None:
-        """Both chunk plans from ``token_adapter``, in place; device ops only."""
+        """Both chunk plans from ``token_adapter``, in place, by device ops."""
         _plan_into(self.token_adapter, self.segment_plan, self.sorted_plan)
 
     @classmethod
@@ -364,22 +388,16 @@ class LoRABatch:
         segment_chunks, sorted_chunks = _plan_sizes(num_tokens, max_segments, num_slots, chunk_size)
         segment_needed = _num_chunks_needed(run_lengths, chunk_size)
         sorted_needed = _num_chunks_needed(torch.bincount(token_adapter + 1, minlength=num_slots + 1), chunk_size)
-        cpu = torch.device("cpu")
-        segment_plan = ChunkPlan.empty(num_tokens, segment_chunks, chunk_size, cpu)
-        sorted_plan = ChunkPlan.empty(num_tokens, sorted_chunks, chunk_size, cpu)
-        token_adapter = token_adapter.to(torch.int32)
-        _plan_into(token_adapter, segment_plan, sorted_plan)
-        plan_fields = ("token_order", "chunk_adapter", "chunk_start", "chunk_len")
+        token_adapter, *plans = _host_metadata(token_adapter, num_tokens, segment_chunks, sorted_chunks, chunk_size)
         # float32 scalings travel as their int32 bits, so one buffer holds everything
-        tensors = [token_adapter, rank.to(torch.int32), scaling.view(torch.int32),
-                   *(getattr(plan, field) for plan in (segment_plan, sorted_plan) for field in plan_fields)]
-        token_adapter, adapter_rank, scaling_bits, *plan_tensors = _to_device_in_one_copy(tensors, device)
+        tensors = [token_adapter, rank.to(torch.int32), scaling.view(torch.int32), *plans]
+        _, (token_adapter, adapter_rank, scaling_bits, *plans) = _to_device_in_one_copy(tensors, device)
         batch = cls(
             token_adapter=token_adapter,
             adapter_rank=adapter_rank,
             adapter_scaling=scaling_bits.view(torch.float32),
-            segment_plan=ChunkPlan(*plan_tensors[:4], chunk_size, segment_needed),
-            sorted_plan=ChunkPlan(*plan_tensors[4:], chunk_size, sorted_needed),
+            segment_plan=ChunkPlan(*plans[:4], chunk_size, segment_needed),
+            sorted_plan=ChunkPlan(*plans[4:], chunk_size, sorted_needed),
             max_rank=int(rank.max()) if num_slots else 0,
             prefers_adapter_sorting=sorted_needed < segment_needed,
         )
@@ -431,18 +449,20 @@ class LoRABatch:
             return as_cpu.to(device=device, dtype=dtype)
 
         segment_chunks, sorted_chunks = _plan_sizes(max_tokens, max_seqs, num_slots, chunk_size)
-        batch = cls(
-            token_adapter=torch.full((max_tokens,), -1, dtype=torch.int32, device=device),
+        no_tokens = torch.empty(0, dtype=torch.int32)
+        buffer, (token_adapter, *plans) = _to_device_in_one_copy(
+            _host_metadata(no_tokens, max_tokens, segment_chunks, sorted_chunks, chunk_size), device)
+        return cls(
+            token_adapter=token_adapter,
             adapter_rank=shared(ranks, rank, torch.int32),
             adapter_scaling=shared(scalings, scaling, torch.float32),
-            segment_plan=ChunkPlan.empty(max_tokens, segment_chunks, chunk_size, device),
-            sorted_plan=ChunkPlan.empty(max_tokens, sorted_chunks, chunk_size, device),
+            segment_plan=ChunkPlan(*plans[:4], chunk_size, None),
+            sorted_plan=ChunkPlan(*plans[4:], chunk_size, None),
             max_rank=max_rank,
             prefers_adapter_sorting=sorted_chunks < segment_chunks,
             max_seqs=max_seqs,
+            metadata_buffer=buffer,
         )
-        batch._plan_()
-        return batch
 
     def update_(
         self,
@@ -461,9 +481,10 @@ class LoRABatch:
         Tokens past the live ones are padding (adapter -1). ``ranks`` / ``scalings`` (host
         values, one per slot) replace the slots' in place; ranks may not exceed ``max_rank``.
 
-        On the GPU nothing here waits for the device: host values go over with asynchronous
-        copies and the plans are computed by device ops. So ``token_adapter`` is not checked
-        (that would synchronise): an id outside ``[-1, L)`` counts as -1, and the ids must hold
+        On the GPU nothing here waits for the device. Host ids: the plans are computed on the
+        host and the token ids and both plans go over in one asynchronous copy. Ids on the GPU:
+        the plans are computed by device ops, and ``token_adapter`` is not checked (that would
+        synchronise). Either way an id outside ``[-1, L)`` counts as -1, and the ids must hold
         at most ``max_seqs`` runs of one adapter in token order (true when each of at most
         ``max_seqs`` sequences has one adapter; ``max_seqs = max_tokens`` allows any ids).
         """
@@ -485,7 +506,14 @@ class LoRABatch:
         if slot_values is not None:
             self.adapter_rank.copy_(_to_device(slot_values[0], self.device))
             self.adapter_scaling.copy_(_to_device(slot_values[1], self.device))
-        if ids is not None:
+        if ids is not None and ids.device.type == "cpu" and self.metadata_buffer is not None:
+            # the plans built here and every metadata tensor written by one copy
+            ids = torch.where((ids >= -1) & (ids < self.num_slots), ids, -1)
+            packed, _ = _packed(_host_metadata(ids, self.num_tokens, self.segment_plan.num_chunks,
+                                               self.sorted_plan.num_chunks, self.segment_plan.chunk_size))
+            self.metadata_buffer.copy_(packed.pin_memory() if self.device.type == "cuda" else packed,
+                                       non_blocking=True)
+        elif ids is not None:
             ids = _to_device(ids, self.device)
             num_live = ids.shape[0]
             self.token_adapter[:num_live].copy_(torch.where((ids >= -1) & (ids < self.num_slots), ids, -1))
