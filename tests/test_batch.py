@@ -141,9 +141,11 @@ def test_update_refuses_what_does_not_fit_and_leaves_the_batch():
         lora_ops.LoRABatch.build([2], [0], RANKS, SCALINGS).update_([1], [0])
 
 
-def test_update_from_token_ids_calls_nothing_that_waits_for_the_device():
+def test_plans_by_device_ops_call_nothing_that_waits_for_the_device():
     """What reads device values back to the host (.item(), .tolist(), boolean-mask indexing,
-    unique, bincount, nonzero) would synchronise on a GPU: update_'s device path calls none."""
+    unique, bincount, nonzero) would synchronise on a GPU: the plans update_ computes by device
+    ops (for ids already on the GPU) call none. (On the GPU, test_cuda_graphs runs update_ itself
+    under torch.cuda.set_sync_debug_mode("error").)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     syncing = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "bincount")
@@ -159,8 +161,9 @@ def test_update_from_token_ids_calls_nothing_that_waits_for_the_device():
 
     batch = lora_ops.LoRABatch.empty(32, RANKS, SCALINGS)
     ids = torch.tensor([0, 0, 3, -1, 1] * 5, dtype=torch.int32)
+    batch.token_adapter[:25] = ids
     with RecordOps() as recorder:
-        batch.update_(token_adapter=ids)
+        batch._plan_()
     assert recorder.names and not [name for name in recorder.names if name in syncing]
     check_plans(batch, ids.tolist() + [-1] * 7)
 
