@@ -189,3 +189,13 @@ def test_copy_between_per_step_batches_of_equal_sizes():
     assert captured.adapter_rank.tolist() == [4, 2] and captured.segment_plan.chunks_needed == 2
     with pytest.raises(ValueError, match="batches need equal token counts"):
         captured.copy_(lora_ops.LoRABatch.build([6], [0], [4, 4], [1.0, 1.0]))
+
+
+def test_metadata_shares_one_buffer_and_starts_on_16_byte_boundaries():
+    """The metadata goes to the device in one copy, as views of one buffer; each view starts at a
+    16-byte boundary, the pointer alignment Triton compiles its fast loads for."""
+    for batch in (lora_ops.LoRABatch.build([3, 5, 1], [0, -1, 2], RANKS, SCALINGS),
+                  lora_ops.LoRABatch.empty(37, RANKS, SCALINGS, max_seqs=5).update_([3, 30], [1, 0])):
+        tensors = [batch.token_adapter, *batch.segment_plan.tensors(), *batch.sorted_plan.tensors()]
+        assert len({tensor.untyped_storage().data_ptr() for tensor in tensors}) == 1
+        assert all(tensor.data_ptr() % 16 == 0 for tensor in tensors + [batch.adapter_rank, batch.adapter_scaling])
