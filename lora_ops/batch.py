@@ -160,13 +160,18 @@ def _checked_slots(ranks, scalings, max_rank: int | None = None) -> tuple[torch.
     return rank, scaling
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device`` without waiting for the GPU: a host tensor goes through pinned
-    memory (from pageable memory the driver may wait for the stream; the caching host allocator
-    keeps the pinned block until the copy has run)."""
+def _copyable(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor``, pinned when it is a host tensor bound for a GPU: a non-blocking copy from
+    pageable memory may wait for the stream, and the caching host allocator keeps the pinned
+    block until the copy has run."""
     if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+        return tensor.pin_memory()
+    return tensor
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without waiting for the GPU."""
+    return _copyable(tensor, device).to(device, non_blocking=True)
 
 
 def _packed(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -506,19 +511,18 @@ class LoRABatch:
         if slot_values is not None:
             self.adapter_rank.copy_(_to_device(slot_values[0], self.device))
             self.adapter_scaling.copy_(_to_device(slot_values[1], self.device))
-        if ids is not None and ids.device.type == "cpu" and self.metadata_buffer is not None:
-            # the plans built here and every metadata tensor written by one copy
+        if ids is not None:
             ids = torch.where((ids >= -1) & (ids < self.num_slots), ids, -1)
-            packed, _ = _packed(_host_metadata(ids, self.num_tokens, self.segment_plan.num_chunks,
-                                               self.sorted_plan.num_chunks, self.segment_plan.chunk_size))
-            self.metadata_buffer.copy_(packed.pin_memory() if self.device.type == "cuda" else packed,
-                                       non_blocking=True)
-        elif ids is not None:
-            ids = _to_device(ids, self.device)
-            num_live = ids.shape[0]
-            self.token_adapter[:num_live].copy_(torch.where((ids >= -1) & (ids < self.num_slots), ids, -1))
-            self.token_adapter[num_live:].fill_(-1)
-            self._plan_()
+            if ids.device.type == "cpu" and self.metadata_buffer is not None:
+                # the plans built here; the token ids and both plans written by one copy
+                packed, _ = _packed(_host_metadata(ids, self.num_tokens, self.segment_plan.num_chunks,
+                                                   self.sorted_plan.num_chunks, self.segment_plan.chunk_size))
+                self.metadata_buffer.copy_(_copyable(packed, self.device), non_blocking=True)
+            else:
+                ids = _to_device(ids, self.device)
+                self.token_adapter[:ids.shape[0]].copy_(ids)
+                self.token_adapter[ids.shape[0]:].fill_(-1)
+                self._plan_()
         return self
 
     def _capacity_error(self, what: str) -> ValueError:

@@ -107,7 +107,7 @@ class AdapterPool:
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.trainable = trainable
-        self.overlap_shrink = overlap_shrink  # GPU inference: shrink on a side stream beside the base GEMM
+        self.overlap_shrink = overlap_shrink  # captured graphs: shrink on a side stream beside the base GEMM
         # adapter name -> (its config, {module: its ModuleLoRA as loaded}): what save writes back
         self._loaded: dict[str, tuple[Mapping, dict[str, ModuleLoRA]]] = {}
         self.modules: dict[str, ModuleSlots] = {}
