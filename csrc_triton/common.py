@@ -1,4 +1,8 @@
-"""Pieces every kernel shares: program ids, chunk rows, the clamped rank, the dot, the grid."""
+"""Pieces every kernel shares: program ids, chunk rows, the clamped rank, the dot, the grid,
+the dependent launch."""
+
+import functools
+import os
 
 import torch
 import triton
@@ -7,6 +11,30 @@ import triton.language as tl
 # CUDA caps grid axes y and z at 65535 programs; axis x allows 2**31 - 1. Every grid here is
 # one-dimensional, so tokens, segments and chunks can number in the millions.
 MAX_PROGRAMS = 2**31 - 1
+
+
+# Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled
+# while the kernel before it on the stream drains, and waits for that kernel's results (and so for
+# everything before it) before its first load. This hides the launch gap between the small kernels
+# of a decode step. LORA_OPS_PDL=0 turns it off.
+PDL_ENABLED = os.environ.get("LORA_OPS_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def dependent_launch(tensor: torch.Tensor) -> bool:
+    """Whether kernels writing ``tensor`` launch as programmatic dependents (``launch_pdl``)."""
+    return PDL_ENABLED and tensor.is_cuda and _has_pdl(tensor.device.index)
+
+
+@triton.jit
+def wait_for_previous_kernel(DEPENDENT_LAUNCH: tl.constexpr):
+    """First statement of a kernel launched with ``launch_pdl``: nothing may be read before it."""
+    if DEPENDENT_LAUNCH:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
+from .common import (cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
+                     slot_rank, tile_and_row_block, wait_for_previous_kernel)
 
 MAX_SLICES = 3
 
@@ -42,8 +43,9 @@ def _expand_chunk_kernel(
     slice1_offset, slice2_offset, slice3_offset,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO_STEPS: tl.constexpr,
-    PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
+    wait_for_previous_kernel(DEPENDENT_LAUNCH)
     tile, chunk = tile_and_row_block(NUM_N_TILES)
 
     slice_idx, cols, col_mask = _slice_columns(tile, slice1_first_tile, slice2_first_tile,
@@ -106,8 +108,9 @@ def _expand_per_token_kernel(
     slice1_first_tile, slice2_first_tile,
     slice1_offset, slice2_offset, slice3_offset,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
+    wait_for_previous_kernel(DEPENDENT_LAUNCH)
     # One program per (N tile, token), a GEMV without the chunk plan (see csrc_triton/shrink.py's
     # per-token kernel): the weight and base loads depend only on the token's adapter.
     tile, token = tile_and_row_block(NUM_N_TILES)
@@ -176,13 +179,14 @@ def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapt
     block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
     first_tile, ends = _slice_tiles(slice_offsets, block_n)
     num_n_tiles = first_tile[MAX_SLICES]
+    pdl = dependent_launch(base_output)
     # grid: (N tiles of all slices x tokens,)
     _expand_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
         y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
         first_tile[1], first_tile[2], *ends,
         MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=4,
+        DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=4,
     )
 
 
@@ -197,6 +201,7 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
     cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
     first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
+    pdl = dependent_launch(base_output)
     # grid: (N tiles of all slices x chunks,)
     _expand_chunk_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](
         y, weights, base_output, token_order,
@@ -206,5 +211,5 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
         MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles,
         BLOCK_M=chunk_size, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         TWO_STEPS=cfg["two_steps"], PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

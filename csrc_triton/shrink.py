@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
+from .common import (cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
+                     slot_rank, tile_and_row_block, wait_for_previous_kernel)
 from .workspace import arrival_counters
 
 
@@ -25,7 +26,9 @@ def _shrink_chunk_kernel(
     NUM_N_TILES: tl.constexpr, FUSED_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
+    DEPENDENT_LAUNCH: tl.constexpr,
 ):
+    wait_for_previous_kernel(DEPENDENT_LAUNCH)
     # N tile varies fastest, then the K split, so programs of one chunk share its x rows in L2.
     tile, chunk = tile_and_row_block(NUM_N_TILES * SPLIT_K)
     chunk_len = tl.load(chunk_len_ptr + chunk)
@@ -103,8 +106,9 @@ def _shrink_per_token_kernel(
     x_stride_row, w_stride_adapter, w_stride_row, out_stride_row,
     IN_FEATURES: tl.constexpr, N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr,
     NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EXIT_WITHOUT_ADAPTER: tl.constexpr,
+    EXIT_WITHOUT_ADAPTER: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
+    wait_for_previous_kernel(DEPENDENT_LAUNCH)
     # One program per (BLOCK_N columns, token), a GEMV without the chunk plan: with a handful of
     # tokens, re-reading the adapter's rows per token costs less than the plan's dependent loads
     # and a split-K reduction. Every load depends only on the token's adapter.
@@ -165,7 +169,8 @@ def _chunk_config(chunk_size: int, n_total: int, in_features: int, max_rank: int
 def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: int) -> dict:
     """Prefill tiles. All slices' columns fit one tile (n_total <= 64, e.g. rank 16 on 3
     slices): FUSED_SLICES, x read once per chunk; K split when there are fewer than 128 chunks,
-    so the SMs fill. Wider (rank >= 32 on several slices): one program per slice tile."""
+    so the SMs fill. Wider (rank >= 32 on several slices): one program per slice tile, 128
+    columns wide from rank 128."""
     tiles = cdiv(num_tokens, chunk_size)  # live chunks, about (a tensor size)
     if n_total <= 64:
         config = dict(FUSED=True, BLOCK_N=max(16, next_power_of_2(n_total)),
@@ -200,13 +205,15 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
     small = num_tokens <= 64
     block_n, num_warps = (2, 4) if small else (4, 2)
     num_n_tiles = cdiv(n_total, block_n)
+    pdl = dependent_launch(out)
     # grid: (column tiles x tokens,)
     _shrink_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         x, weights, out, token_adapter, adapter_rank,
         x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
         NUM_N_TILES=num_n_tiles, BLOCK_N=block_n,
-        BLOCK_K=min(2048, next_power_of_2(in_features)), EXIT_WITHOUT_ADAPTER=small, num_warps=num_warps,
+        BLOCK_K=min(2048, next_power_of_2(in_features)), EXIT_WITHOUT_ADAPTER=small,
+        DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=num_warps,
     )
     return out
 
@@ -232,6 +239,7 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
     else:  # one launch: fp32 partials + per-(chunk, N tile) arrival counters
         partial = torch.empty((split_k, num_tokens, n_total), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, num_chunks * num_n_tiles)
+    pdl = dependent_launch(out)
     # grid: (N tiles x K splits x chunks,)
     _shrink_chunk_kernel[grid_1d(num_n_tiles * split_k, num_chunks)](
         x, weights, out, partial, counters,
@@ -242,6 +250,7 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
         NUM_N_TILES=num_n_tiles, FUSED_SLICES=fused_slices,
         BLOCK_M=chunk_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=in_features % (block_k * split_k) == 0, PERMUTED=permuted,
-        IEEE_DOT=ieee_dot(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        IEEE_DOT=ieee_dot(x.dtype), DEPENDENT_LAUNCH=pdl, launch_pdl=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -15,6 +15,7 @@ pytestmark = requires_cuda
 
 DIMS = Dims(in_features=1024, max_rank=16, q_size=512, kv_size=128, intermediate=384, vocab=1000)
 SHRINK = next(case for case in OP_CASES if case.name == "shrink_3slice")
+QKV_EXPAND = next(case for case in OP_CASES if case.name == "qkv_expand")
 RANKS = (16, 8, 16, 4)
 # 64 one-token sequences over 4 slots: decode-sized chunks, so the chunk kernel splits K
 DECODE = Scenario("decode", (1,) * 64, tuple(i % 4 for i in range(64)), RANKS)
@@ -52,6 +53,39 @@ def test_split_k_shrinks_on_two_streams_at_once(backend, scenario, monkeypatch):
     # and a later call on one stream is still right
     _, batch, inputs = work[0]
     check(SHRINK, inputs, batch, SHRINK.run(inputs, batch, backend), f"after/{backend}", seed)
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "chunk"])
+@pytest.mark.parametrize("backend", ["triton", "csgmv"])
+def test_each_kernel_reads_what_the_kernel_before_it_wrote(backend, per_token, monkeypatch):
+    """On Hopper the LoRA kernels are dependent launches: they may be scheduled while the kernel
+    before them drains, and must still read its results. Every round, a kernel right before the
+    shrink rewrites x, and one right before the expand rewrites y (the one before it, the base)."""
+    from csrc_triton.common import dependent_launch
+
+    force_matmul_kernels(monkeypatch, per_token=per_token)
+    gen, seed = fresh_generator()
+    batch = make_batch(DECODE, device="cuda")
+    shrink_in = SHRINK.build(batch, DIMS, torch.bfloat16, gen)
+    expand_in = QKV_EXPAND.build(batch, DIMS, torch.bfloat16, gen)
+    x, y, base = shrink_in["x"], expand_in["y"], expand_in["base"]
+    assert dependent_launch(base) == (torch.cuda.get_device_capability()[0] >= 9)
+    rounds = [[torch.randn(t.shape, generator=gen).to("cuda", t.dtype) for t in (x, base, y)]
+              for _ in range(20)]
+    torch.cuda.synchronize()
+    results = []
+    for new_x, new_base, new_y in rounds:
+        torch.neg(new_x, out=x)  # an elementwise kernel, then the shrink reading its output
+        shrunk = SHRINK.run(shrink_in, batch, backend)
+        torch.neg(new_base, out=base)
+        torch.neg(new_y, out=y)
+        QKV_EXPAND.run_in_place(expand_in, batch, backend)
+        results.append((shrunk, base.clone()))
+    torch.cuda.synchronize()
+    for (new_x, new_base, new_y), (shrunk, expanded) in zip(rounds, results):
+        check(SHRINK, {**shrink_in, "x": -new_x}, batch, shrunk, f"shrink/{backend}", seed)
+        check(QKV_EXPAND, {**expand_in, "base": -new_base, "y": -new_y}, batch, expanded,
+              f"expand/{backend}", seed)
 
 
 @pytest.mark.parametrize("backend", ["triton", "csgmv"])
