@@ -4,6 +4,8 @@ Outputs the ops allocate are poisoned: with deterministic mode on, torch.empty f
 float tensors with NaN, so an element a kernel forgets to write fails the finiteness check.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,15 +89,19 @@ REAL = Dims(in_features=4096, max_rank=64, q_size=4096, kv_size=1024, intermedia
 
 
 @requires_cuda
+@pytest.mark.parametrize("max_rank", [64, 128])
 @pytest.mark.parametrize("num_tokens", [1, 256, 4096])
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
-def test_gpu_bf16_real_sizes(op_case, num_tokens, poisoned_empty, matmul_kernels):
-    """bfloat16 at Llama-3-8B sizes with heterogeneous ranks (64 beside 8 and 16) on the GPU."""
+def test_gpu_bf16_real_sizes(op_case, num_tokens, max_rank, poisoned_empty, matmul_kernels):
+    """bfloat16 at Llama-3-8B sizes with heterogeneous ranks (the maximum beside 8 and 16) on the
+    GPU; each max rank has tiles of its own."""
     gen = torch.Generator().manual_seed(num_tokens)
     num_seqs = min(num_tokens, 16)
     lens = torch.full((num_seqs,), num_tokens // num_seqs)
     lens[: num_tokens % num_seqs] += 1
     adapters = torch.randint(-1, 8, (num_seqs,), generator=gen)
-    scenario = Scenario("real", tuple(lens.tolist()), tuple(adapters.tolist()), (64, 8, 16, 0, 64, 32, 64, 8))
+    ranks = (max_rank, 8, 16, 0, max_rank, max_rank // 2, 64, 8)
+    scenario = Scenario("real", tuple(lens.tolist()), tuple(adapters.tolist()), ranks)
+    dims = dataclasses.replace(REAL, max_rank=max_rank)
     for backend in ("triton", "csgmv"):
-        check_op(op_case, scenario, torch.bfloat16, backend, dims=REAL, device="cuda")
+        check_op(op_case, scenario, torch.bfloat16, backend, dims=dims, device="cuda")
