@@ -108,7 +108,7 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
         p.stride(0), q.stride(0), out.stride(0), out.stride(1),
         MAX_RANK=max_rank, RANK_ON_M=rank_on_m, NUM_M_TILES=num_m_tiles, NUM_TILES=num_tiles,
         BLOCK_T=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTED=permuted,
-        IEEE_DOT=ieee_dot(p.dtype), num_warps=4, num_stages=2,
+        IEEE_DOT=ieee_dot(p.dtype), num_warps=8, num_stages=3,  # H100, rank 64: step 2-3 % faster than 4/2
     )
 
 
