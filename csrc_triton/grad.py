@@ -112,8 +112,15 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
     )
 
 
-def shrink_grad_weights(grad_y, x, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-                        num_slices: int, chunk_size: int, permuted: bool) -> torch.Tensor:
+# The four matmul gradients share one calling convention, the gradient op's arguments:
+# (gradient, tensor, token_adapter, the plan's four tensors, adapter_rank, the op's own arguments,
+# chunk_size, permuted, per_token). The weight gradients walk the plan: they read neither
+# token_adapter nor per_token.
+
+
+def sgmv_shrink_grad_weights(grad_y, x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                             adapter_rank, num_slices: int, chunk_size: int, permuted: bool,
+                             per_token: bool) -> torch.Tensor:
     """dA (L, n*R, in): dA[a, slice i rows] = dy_a[:, slice i, :r]ᵀ x_a."""
     grad_w = torch.zeros(adapter_rank.shape[0], grad_y.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     _segment_outer(grad_y, x, grad_w, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
@@ -121,8 +128,9 @@ def shrink_grad_weights(grad_y, x, token_order, chunk_adapter, chunk_start, chun
     return grad_w.to(x.dtype)
 
 
-def expand_grad_weights(grad_out, y, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-                        adapter_scaling, slice_offsets, chunk_size: int, permuted: bool) -> torch.Tensor:
+def sgmv_expand_grad_weights(grad_out, y, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                             adapter_rank, adapter_scaling, slice_offsets, chunk_size: int, permuted: bool,
+                             per_token: bool) -> torch.Tensor:
     """dB (L, out, R): dB[a, slice i cols, :r] = c_a * dout_a[:, cols]ᵀ y_a[:, slice i, :r]."""
     max_rank = y.shape[1] // (len(slice_offsets) - 1)
     grad_w = torch.zeros(adapter_rank.shape[0], grad_out.shape[1], max_rank, dtype=torch.float32, device=y.device)
@@ -133,7 +141,7 @@ def expand_grad_weights(grad_out, y, token_order, chunk_adapter, chunk_start, ch
     return (grad_w * adapter_scaling[:, None, None]).to(y.dtype)
 
 
-def shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+def sgmv_shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
                   adapter_rank, num_slices: int, chunk_size: int, permuted: bool, per_token: bool) -> torch.Tensor:
     """dx (s, in) = sum_i dy[:, slice i, :r] @ A[a, slice i rows]: per slice, the expand kernel
     with A's rows read transposed as B (L, in, R) and scaling 1, accumulating into dx."""
@@ -153,7 +161,7 @@ def shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapter, ch
     return grad_x
 
 
-def expand_grad_y(grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+def sgmv_expand_grad_y(grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
                   adapter_rank, adapter_scaling, slice_offsets, chunk_size: int, permuted: bool,
                   per_token: bool) -> torch.Tensor:
     """dy (s, n*R): dy[:, slice i, :r] = c * dout[:, slice i cols] @ B[a, cols, :r]: per slice,

@@ -38,6 +38,11 @@ import torch
 
 CHUNK_SIZES = (16, 32, 64, 128)
 
+# What the constructors accept: host sequences or tensors (on any device).
+Ints = Sequence[int] | torch.Tensor
+Floats = Sequence[float] | torch.Tensor
+Device = torch.device | str | None
+
 
 def default_chunk_size(num_tokens: int) -> int:
     """Tokens per chunk (the M tile of every matmul kernel), from the batch's token count."""
@@ -326,16 +331,8 @@ class LoRABatch:
         _plan_into(self.token_adapter, self.segment_plan, self.sorted_plan)
 
     @classmethod
-    def build(
-        cls,
-        seq_lens: Sequence[int] | torch.Tensor,
-        adapter_ids: Sequence[int] | torch.Tensor,
-        ranks: Sequence[int] | torch.Tensor,
-        scalings: Sequence[float] | torch.Tensor,
-        *,
-        device: torch.device | str | None = None,
-        chunk_size: int | None = None,
-    ) -> LoRABatch:
+    def build(cls, seq_lens: Ints, adapter_ids: Ints, ranks: Ints, scalings: Floats, *,
+              device: Device = None, chunk_size: int | None = None) -> LoRABatch:
         """Metadata for sequences laid out one after another in the token dimension.
 
         Args:
@@ -356,16 +353,9 @@ class LoRABatch:
         )
 
     @classmethod
-    def from_token_adapters(
-        cls,
-        token_adapter_ids: Sequence[int] | torch.Tensor,
-        ranks: Sequence[int] | torch.Tensor,
-        scalings: Sequence[float] | torch.Tensor,
-        *,
-        device: torch.device | str | None = None,
-        chunk_size: int | None = None,
-        max_segments: int | None = None,
-    ) -> LoRABatch:
+    def from_token_adapters(cls, token_adapter_ids: Ints, ranks: Ints, scalings: Floats, *,
+                            device: Device = None, chunk_size: int | None = None,
+                            max_segments: int | None = None) -> LoRABatch:
         """Metadata from the adapter slot of every token (``-1`` = no adapter).
 
         Validates on the host once (reads the ids back if they are on a GPU), builds the chunk
@@ -409,17 +399,9 @@ class LoRABatch:
         return batch
 
     @classmethod
-    def empty(
-        cls,
-        max_tokens: int,
-        ranks: Sequence[int] | torch.Tensor,
-        scalings: Sequence[float] | torch.Tensor,
-        *,
-        max_seqs: int | None = None,
-        max_rank: int | None = None,
-        device: torch.device | str | None = None,
-        chunk_size: int | None = None,
-    ) -> LoRABatch:
+    def empty(cls, max_tokens: int, ranks: Ints, scalings: Floats, *, max_seqs: int | None = None,
+              max_rank: int | None = None, device: Device = None,
+              chunk_size: int | None = None) -> LoRABatch:
         """A fixed-capacity batch of ``max_tokens`` tokens, all padding (no adapter) until
         ``update_`` writes a step's contents.
 
@@ -469,15 +451,9 @@ class LoRABatch:
             metadata_buffer=buffer,
         )
 
-    def update_(
-        self,
-        seq_lens: Sequence[int] | torch.Tensor | None = None,
-        adapter_ids: Sequence[int] | torch.Tensor | None = None,
-        *,
-        token_adapter: torch.Tensor | None = None,
-        ranks: Sequence[int] | torch.Tensor | None = None,
-        scalings: Sequence[float] | torch.Tensor | None = None,
-    ) -> LoRABatch:
+    def update_(self, seq_lens: Ints | None = None, adapter_ids: Ints | None = None, *,
+                token_adapter: torch.Tensor | None = None, ranks: Ints | None = None,
+                scalings: Floats | None = None) -> LoRABatch:
         """Write a step's contents into this fixed-capacity batch, in place (same tensors).
 
         Give either the step's sequences -- ``seq_lens`` and ``adapter_ids`` per sequence, on

@@ -439,44 +439,22 @@ _register("sgmv_expand_autograd", _expand_autograd_fake, _expand_autograd_impl)
 _register("embedding_a_autograd", _embedding_a_autograd_fake, _embedding_a_autograd_impl)
 
 
-def _shrink_grad_x_impl(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                        adapter_rank, num_slices, chunk_size, backend, kernel):
-    if backend == "torch_native":
-        return torch_native.sgmv_shrink_grad_x(grad_y, weights, token_adapter, adapter_rank, num_slices)
-    return _triton_kernels().grad.shrink_grad_x(
-        grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-        num_slices, chunk_size, permuted=backend == "csgmv", per_token=kernel == "per_token")
+def _matmul_gradient_impl(name: str):
+    """The impl of the gradient op ``name``, for every backend: ``torch_native.<name>`` (per-token
+    ids and ranks) or ``csrc_triton.grad.<name>`` (the plan too); both take the op's own arguments
+    (``num_slices``, or ``adapter_scaling`` and ``slice_offsets``) after the metadata."""
 
+    def impl(gradient, tensor, *args):
+        *inputs, chunk_size, backend, kernel = [list(map(int, arg)) if isinstance(arg, (list, tuple)) else arg
+                                                for arg in args]  # SymInt[] slice offsets as ints
+        token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, *own_args = inputs
+        if backend == "torch_native":
+            return getattr(torch_native, name)(gradient, tensor, token_adapter, adapter_rank, *own_args)
+        return getattr(_triton_kernels().grad, name)(
+            gradient, tensor, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
+            *own_args, chunk_size, permuted=backend == "csgmv", per_token=kernel == "per_token")
 
-def _shrink_grad_weights_impl(grad_y, x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                              adapter_rank, num_slices, chunk_size, backend, kernel):
-    if backend == "torch_native":
-        return torch_native.sgmv_shrink_grad_weights(grad_y, x, token_adapter, adapter_rank, num_slices)
-    return _triton_kernels().grad.shrink_grad_weights(
-        grad_y, x, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, num_slices, chunk_size,
-        permuted=backend == "csgmv")
-
-
-def _expand_grad_y_impl(grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                        adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend, kernel):
-    slice_offsets = [int(offset) for offset in slice_offsets]
-    if backend == "torch_native":
-        return torch_native.sgmv_expand_grad_y(grad_out, weights, token_adapter, adapter_rank, adapter_scaling,
-                                               slice_offsets)
-    return _triton_kernels().grad.expand_grad_y(
-        grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-        adapter_scaling, slice_offsets, chunk_size, permuted=backend == "csgmv", per_token=kernel == "per_token")
-
-
-def _expand_grad_weights_impl(grad_out, y, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                              adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend, kernel):
-    slice_offsets = [int(offset) for offset in slice_offsets]
-    if backend == "torch_native":
-        return torch_native.sgmv_expand_grad_weights(grad_out, y, token_adapter, adapter_rank, adapter_scaling,
-                                                     slice_offsets)
-    return _triton_kernels().grad.expand_grad_weights(
-        grad_out, y, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
-        slice_offsets, chunk_size, permuted=backend == "csgmv")
+    return impl
 
 
 def _embedding_a_grad_weights_impl(grad_y, token_ids, token_adapter, adapter_rank, vocab_size, backend):
@@ -510,10 +488,10 @@ def _embedding_a_grad_weights_fake(grad_y, token_ids, token_adapter, adapter_ran
     return grad_y.new_empty(adapter_rank.shape[0], grad_y.shape[1], vocab_size)
 
 
-_register("sgmv_shrink_grad_x", _shrink_grad_x_fake, _shrink_grad_x_impl)
-_register("sgmv_shrink_grad_weights", _shrink_grad_weights_fake, _shrink_grad_weights_impl)
-_register("sgmv_expand_grad_y", _expand_grad_y_fake, _expand_grad_y_impl)
-_register("sgmv_expand_grad_weights", _expand_grad_weights_fake, _expand_grad_weights_impl)
+_register("sgmv_shrink_grad_x", _shrink_grad_x_fake, _matmul_gradient_impl("sgmv_shrink_grad_x"))
+_register("sgmv_shrink_grad_weights", _shrink_grad_weights_fake, _matmul_gradient_impl("sgmv_shrink_grad_weights"))
+_register("sgmv_expand_grad_y", _expand_grad_y_fake, _matmul_gradient_impl("sgmv_expand_grad_y"))
+_register("sgmv_expand_grad_weights", _expand_grad_weights_fake, _matmul_gradient_impl("sgmv_expand_grad_weights"))
 _register("embedding_a_grad_weights", _embedding_a_grad_weights_fake, _embedding_a_grad_weights_impl)
 
 
