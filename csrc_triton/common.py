@@ -15,8 +15,9 @@ MAX_PROGRAMS = 2**31 - 1
 
 # Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled
 # while the kernel before it on the stream drains, and waits for that kernel's results (and so for
-# everything before it) before its first load. This hides the launch gap between the small kernels
-# of a decode step. LORA_OPS_PDL=0 turns it off.
+# everything before it) before its first load. This hides the gap between back-to-back small
+# kernels (H100: decode-sized ops 10-21 % faster back to back); in the decode-step graph, where the
+# expand follows cuBLAS's GEMM and a stream join, it measured no gain. LORA_OPS_PDL=0 turns it off.
 PDL_ENABLED = os.environ.get("LORA_OPS_PDL", "1") != "0"
 
 

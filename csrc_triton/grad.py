@@ -142,7 +142,8 @@ def sgmv_expand_grad_weights(grad_out, y, token_adapter, token_order, chunk_adap
 
 
 def sgmv_shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                  adapter_rank, num_slices: int, chunk_size: int, permuted: bool, per_token: bool) -> torch.Tensor:
+                       adapter_rank, num_slices: int, chunk_size: int, permuted: bool,
+                       per_token: bool) -> torch.Tensor:
     """dx (s, in) = sum_i dy[:, slice i, :r] @ A[a, slice i rows]: per slice, the expand kernel
     with A's rows read transposed as B (L, in, R) and scaling 1, accumulating into dx."""
     max_rank = weights.shape[1] // num_slices
@@ -162,8 +163,8 @@ def sgmv_shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapte
 
 
 def sgmv_expand_grad_y(grad_out, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                  adapter_rank, adapter_scaling, slice_offsets, chunk_size: int, permuted: bool,
-                  per_token: bool) -> torch.Tensor:
+                       adapter_rank, adapter_scaling, slice_offsets, chunk_size: int, permuted: bool,
+                       per_token: bool) -> torch.Tensor:
     """dy (s, n*R): dy[:, slice i, :r] = c * dout[:, slice i cols] @ B[a, cols, :r]: per slice,
     the shrink kernel with c * B's slice transposed into a contiguous A (L, R, width)."""
     parts = []
