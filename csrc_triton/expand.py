@@ -34,16 +34,17 @@ def _slice_columns(tile, slice1_first_tile, slice2_first_tile, slice1_offset, sl
 
 @triton.jit
 def _expand_chunk_kernel(
-    y_ptr, weights_ptr, base_ptr, token_order_ptr,
+    y_ptr, weights_ptr, base_ptr, out_ptr, token_order_ptr,
     chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr, adapter_rank_ptr, adapter_scaling_ptr,
     y_stride_row, y_stride_col,
     w_stride_adapter, w_stride_out, w_stride_rank,
-    base_stride_row,
+    base_stride_row, out_stride_row,
     slice1_first_tile, slice2_first_tile,
     slice1_offset, slice2_offset, slice3_offset,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO_STEPS: tl.constexpr,
-    PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
+    K_SLICES: tl.constexpr, OUT_OF_PLACE: tl.constexpr, PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
+    DEPENDENT_LAUNCH: tl.constexpr,
 ):
     wait_for_previous_kernel(DEPENDENT_LAUNCH)
     tile, chunk = tile_and_row_block(NUM_N_TILES)
@@ -67,14 +68,21 @@ def _expand_chunk_kernel(
     length = tl.load(chunk_len_ptr + chunk)
     start = tl.load(chunk_start_ptr + chunk)
     rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
+    if OUT_OF_PLACE:  # out gets every row: the chunk's whole length is read, with or without delta
+        row_mask = offs_m < length
     length = tl.where(rank > 0, length, 0)
-    row_mask = offs_m < length
+    if not OUT_OF_PLACE:  # in place, rows without delta are neither read nor written
+        row_mask = offs_m < length
     rows = chunk_rows(token_order_ptr, start, offs_m, row_mask, PERMUTED)
 
     # The base-output read is issued first so its latency overlaps the matmul.
     base_ptrs = base_ptr + rows[:, None] * base_stride_row + cols[None, :]
     tile_mask = row_mask[:, None] & col_mask[None, :]
     base_tile = tl.load(base_ptrs, mask=tile_mask, other=0.0)
+    if OUT_OF_PLACE:
+        out_ptrs = out_ptr + rows[:, None] * out_stride_row + cols[None, :]
+    else:
+        out_ptrs = base_ptrs
 
     if length > 0:
         # Always true here (length > 0 implies an adapter), but the weight loads in a branch of
@@ -94,9 +102,21 @@ def _expand_chunk_kernel(
                 y1 = tl.load(y_ptrs + BLOCK_K * y_stride_col,
                              mask=row_mask[:, None] & (offs_k < rank - BLOCK_K)[None, :], other=0.0)
                 acc += dot(y1, w1, IEEE_DOT)
+        # K_SLICES > 1 (the shrink's input gradient): y's slices s > 0 and the weights' rank
+        # blocks s > 0 extend the sum, each within the rank like slice 0.
+        for s in tl.static_range(1, K_SLICES):
+            for step in tl.static_range(2 if TWO_STEPS else 1):
+                k_mask = offs_k < rank - step * BLOCK_K
+                k_offset = s * MAX_RANK + step * BLOCK_K
+                w_s = tl.load(weights_ptr + adapter.to(tl.int64) * w_stride_adapter + w_offsets
+                              + k_offset * w_stride_rank, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                y_s = tl.load(y_ptrs + k_offset * y_stride_col, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += dot(y_s, w_s, IEEE_DOT)
         scaling = tl.load(adapter_scaling_ptr + adapter)
         result = acc * scaling + base_tile.to(tl.float32)
-        tl.store(base_ptrs, result.to(base_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(out_ptrs, result.to(base_ptr.dtype.element_ty), mask=tile_mask)
+    elif OUT_OF_PLACE:  # tokens without adapter: the base output as it is
+        tl.store(out_ptrs, base_tile, mask=tile_mask)
 
 
 @triton.jit
@@ -192,24 +212,30 @@ def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapt
 
 def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start, chunk_len,
                  adapter_rank, adapter_scaling, slice_offsets: list[int], chunk_size: int,
-                 permuted: bool) -> None:
-    """base_output += the LoRA delta of every token, one program per (N tile, chunk)."""
+                 permuted: bool, k_slices: int = 1, out: torch.Tensor | None = None) -> None:
+    """base_output += the LoRA delta of every token, one program per (N tile, chunk); with
+    ``out`` (base_output's shape and dtype), out = base_output + delta instead, every row
+    written (the plan's chunks cover every token). ``k_slices`` > 1 (one output slice): y
+    (s, k*R) and weights (L, out, k*R) hold k rank blocks, each within the slot's rank, summed:
+    the shrink's input gradient in one pass."""
     num_tokens, n_total = base_output.shape
     if num_tokens == 0:
         return
-    max_rank = weights.shape[2]
+    max_rank = weights.shape[2] // k_slices
     cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
     first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
     pdl = dependent_launch(base_output)
     # grid: (N tiles of all slices x chunks,)
+    out_of_place = out is not None
+    out = out if out_of_place else base_output
     _expand_chunk_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](
-        y, weights, base_output, token_order,
+        y, weights, base_output, out, token_order,
         chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
-        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
+        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0), out.stride(0),
         first_tile[1], first_tile[2], *ends,
         MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles,
         BLOCK_M=chunk_size, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        TWO_STEPS=cfg["two_steps"], PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
+        TWO_STEPS=cfg["two_steps"], K_SLICES=k_slices, OUT_OF_PLACE=out_of_place, PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
         DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -1,13 +1,14 @@
 """Backward of the LoRA ops (the formulas are stated in ``lora_ops/ops.py``, "training").
 
 - Activation gradients are the forward's segmented GEMMs transposed, so they run the forward
-  kernels: ``dx`` of shrink is an expand with A's slice read transposed as B (the expand kernels
-  take any weight strides) and scaling 1, one launch per slice; ``dy`` of expand is a shrink
+  kernels: ``dx`` of shrink is an expand with A read transposed as B (the expand kernels take
+  any weight strides) and scaling 1, the slices summed in one pass by the chunk kernel (one
+  per-token launch per slice); ``dy`` of expand is a shrink
   over the output slice with ``c * B`` transposed into a small contiguous (L, R, width) tensor.
 - Weight gradients are reductions over each adapter's tokens (``_segment_outer_kernel``): one
-  program per (output tile, group of consecutive chunks of the plan) sums ``p_tᵀ q_t`` over its
-  chunks while their adapter stays the same, and adds the sum into that adapter's fp32 gradient
-  with atomics when the adapter changes and at the end. In the adapter-sorted plan (csgmv) an
+  program per (output tile, group of consecutive chunks of the plan) finds the runs of one
+  adapter among its chunks, walks each run's positions in fixed steps and adds the run's sum
+  into that adapter's fp32 gradient with atomics. In the adapter-sorted plan (csgmv) an
   adapter's chunks are consecutive, so a program adds about once; in token order (triton),
   once per run of one adapter in its group. A group's size comes from tensor sizes only.
 - The embedding's A gradient is a scatter-add (atomics) of ``dy`` into the vocabulary columns.
@@ -23,9 +24,13 @@ from . import expand, shrink
 from .embedding import token_block_entries
 from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
 
-# Programs a weight-gradient launch aims for (enough to fill an H100 several times over); fewer
-# make each program walk more chunks, more make more atomic adds.
-_TARGET_PROGRAMS = 2048
+# Programs a weight-gradient launch aims for: fewer make each program walk more tokens, more
+# make more atomic adds.
+_TARGET_PROGRAMS = 256
+# Most chunks one program reads its group's adapters of (a vector of that many in registers)
+_MAX_GROUP = 256
+# Tokens per step of the weight-gradient loop (the K of its dot)
+_BLOCK_T = 64
 
 
 @triton.jit
@@ -50,8 +55,8 @@ def _segment_outer_kernel(
     adapter_rank_ptr, num_chunks, chunks_per_program, m_size, n_size,
     p_stride_row, q_stride_row, out_stride_adapter, out_stride_m,
     MAX_RANK: tl.constexpr, RANK_ON_M: tl.constexpr, NUM_M_TILES: tl.constexpr,
-    NUM_TILES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
+    NUM_TILES: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     # out[a, m, n] += sum over the tokens t of adapter a of p[t, m] * q[t, n] (fp32 out)
     tile, group = tile_and_row_block(NUM_TILES)
@@ -60,38 +65,45 @@ def _segment_outer_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     m_mask = offs_m < m_size
     n_mask = offs_n < n_size
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    current = tl.full((), -1, tl.int32)  # the adapter whose sum acc holds
     first = group * chunks_per_program
-    for chunk in range(first, tl.minimum(first + chunks_per_program, num_chunks)):
+    last = tl.minimum(first + chunks_per_program, num_chunks)
+    # The plans cut each run of one adapter into consecutive chunks over consecutive positions,
+    # so consecutive chunks of one adapter cover one range of positions: the program walks that
+    # range in BLOCK_T steps with no per-chunk work in the loop (which Triton then pipelines).
+    group_chunks = first + tl.arange(0, GROUP)
+    group_adapters = tl.load(chunk_adapter_ptr + group_chunks, mask=group_chunks < last, other=-1)
+    previous_adapters = tl.load(chunk_adapter_ptr + group_chunks - 1, mask=(group_chunks > first) & (group_chunks < last),
+                                other=-1)
+    opens_run = (group_chunks < last) & ((group_chunks == first) | (group_adapters != previous_adapters))
+    chunk = first
+    while chunk < last:
         adapter = tl.load(chunk_adapter_ptr + chunk)
-        if adapter != current:
-            _add_into_slot(out_ptr, acc, current, adapter_rank_ptr, offs_m, offs_n, m_size, n_size,
-                           out_stride_adapter, out_stride_m, MAX_RANK, RANK_ON_M)
+        next_run = tl.min(tl.where(opens_run & (group_chunks > chunk), group_chunks, last))
+        start = tl.load(chunk_start_ptr + chunk)
+        end = tl.load(chunk_start_ptr + next_run - 1) + tl.load(chunk_len_ptr + next_run - 1)
+        if slot_rank(adapter_rank_ptr, adapter, MAX_RANK) > 0:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            current = adapter
-        length = tl.load(chunk_len_ptr + chunk)
-        length = tl.where(slot_rank(adapter_rank_ptr, adapter, MAX_RANK) > 0, length, 0)
-        if length > 0:
-            row_mask = offs_t < length
-            rows = chunk_rows(token_order_ptr, tl.load(chunk_start_ptr + chunk), offs_t, row_mask, PERMUTED)
-            p = tl.load(p_ptr + rows[:, None] * p_stride_row + offs_m[None, :],
-                        mask=row_mask[:, None] & m_mask[None, :], other=0.0)
-            q = tl.load(q_ptr + rows[:, None] * q_stride_row + offs_n[None, :],
-                        mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += dot(tl.trans(p), q, IEEE_DOT)
-    _add_into_slot(out_ptr, acc, current, adapter_rank_ptr, offs_m, offs_n, m_size, n_size,
-                   out_stride_adapter, out_stride_m, MAX_RANK, RANK_ON_M)
+            for position in range(start, end, BLOCK_T):
+                row_mask = position + offs_t < end
+                rows = chunk_rows(token_order_ptr, position, offs_t, row_mask, PERMUTED)
+                p = tl.load(p_ptr + rows[:, None] * p_stride_row + offs_m[None, :],
+                            mask=row_mask[:, None] & m_mask[None, :], other=0.0)
+                q = tl.load(q_ptr + rows[:, None] * q_stride_row + offs_n[None, :],
+                            mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+                acc += dot(tl.trans(p), q, IEEE_DOT)
+            _add_into_slot(out_ptr, acc, adapter, adapter_rank_ptr, offs_m, offs_n, m_size, n_size,
+                           out_stride_adapter, out_stride_m, MAX_RANK, RANK_ON_M)
+        chunk = next_run
 
 
 def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-                   max_rank: int, rank_on_m: bool, chunk_size: int, permuted: bool) -> None:
+                   max_rank: int, rank_on_m: bool, permuted: bool) -> None:
     """out[a] += p_aᵀ q_a over each adapter a's tokens, within a's rank (on out's rows m modulo
     ``max_rank`` when ``rank_on_m``, else on its columns n). out: fp32 (L, M, N), last dim contiguous."""
     num_tokens, m_size = p.shape
     n_size = q.shape[1]
     num_chunks = chunk_adapter.shape[0]
-    if num_tokens == 0 or m_size == 0 or n_size == 0:
+    if num_tokens == 0 or m_size == 0 or n_size == 0 or num_chunks == 0:
         return
     block_m = min(64, max(16, next_power_of_2(m_size)))
     block_n = min(128, max(16, next_power_of_2(n_size)))
@@ -99,7 +111,7 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
         block_n = min(block_n, 64)  # fp32 tiles: half the registers' worth
     num_m_tiles = cdiv(m_size, block_m)
     num_tiles = num_m_tiles * cdiv(n_size, block_n)
-    groups = min(num_chunks, max(1, _TARGET_PROGRAMS // num_tiles))
+    groups = max(min(num_chunks, _TARGET_PROGRAMS // num_tiles), cdiv(num_chunks, _MAX_GROUP), 1)
     chunks_per_program = cdiv(num_chunks, groups)
     # grid: (output tiles x chunk groups,)
     _segment_outer_kernel[grid_1d(num_tiles, cdiv(num_chunks, chunks_per_program))](
@@ -107,8 +119,8 @@ def _segment_outer(p, q, out, token_order, chunk_adapter, chunk_start, chunk_len
         num_chunks, chunks_per_program, m_size, n_size,
         p.stride(0), q.stride(0), out.stride(0), out.stride(1),
         MAX_RANK=max_rank, RANK_ON_M=rank_on_m, NUM_M_TILES=num_m_tiles, NUM_TILES=num_tiles,
-        BLOCK_T=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTED=permuted,
-        IEEE_DOT=ieee_dot(p.dtype), num_warps=8, num_stages=3,  # H100, rank 64: step 2-3 % faster than 4/2
+        GROUP=next_power_of_2(chunks_per_program), BLOCK_T=_BLOCK_T, BLOCK_M=block_m, BLOCK_N=block_n,
+        PERMUTED=permuted, IEEE_DOT=ieee_dot(p.dtype), num_warps=8, num_stages=3,
     )
 
 
@@ -124,7 +136,7 @@ def sgmv_shrink_grad_weights(grad_y, x, token_adapter, token_order, chunk_adapte
     """dA (L, n*R, in): dA[a, slice i rows] = dy_a[:, slice i, :r]ᵀ x_a."""
     grad_w = torch.zeros(adapter_rank.shape[0], grad_y.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     _segment_outer(grad_y, x, grad_w, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank,
-                   grad_y.shape[1] // num_slices, True, chunk_size, permuted)
+                   grad_y.shape[1] // num_slices, True, permuted)
     return grad_w.to(x.dtype)
 
 
@@ -137,28 +149,29 @@ def sgmv_expand_grad_weights(grad_out, y, token_adapter, token_order, chunk_adap
     for i, (lo, hi) in enumerate(zip(slice_offsets[:-1], slice_offsets[1:])):
         _segment_outer(grad_out[:, lo:hi], y[:, i * max_rank : (i + 1) * max_rank], grad_w[:, lo:hi],
                        token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank, max_rank, False,
-                       chunk_size, permuted)
+                       permuted)
     return (grad_w * adapter_scaling[:, None, None]).to(y.dtype)
 
 
 def sgmv_shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
                        adapter_rank, num_slices: int, chunk_size: int, permuted: bool,
                        per_token: bool) -> torch.Tensor:
-    """dx (s, in) = sum_i dy[:, slice i, :r] @ A[a, slice i rows]: per slice, the expand kernel
-    with A's rows read transposed as B (L, in, R) and scaling 1, accumulating into dx."""
+    """dx (s, in) = sum_i dy[:, slice i, :r] @ A[a, slice i rows]: the expand kernel with A read
+    transposed as B (L, in, n*R) and scaling 1, accumulating into dx -- the chunk kernel sums
+    the slices in one pass, the per-token kernel takes one launch per slice."""
     max_rank = weights.shape[1] // num_slices
     in_features = weights.shape[2]
     grad_x = torch.zeros(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
     unit_scaling = torch.ones(adapter_rank.shape[0], dtype=torch.float32, device=grad_y.device)
+    if not per_token:
+        expand.launch_chunk(grad_y, weights.transpose(1, 2), grad_x, token_order, chunk_adapter, chunk_start,
+                            chunk_len, adapter_rank, unit_scaling, [0, in_features], chunk_size, permuted,
+                            k_slices=num_slices)
+        return grad_x
     for i in range(num_slices):
         rows = slice(i * max_rank, (i + 1) * max_rank)
-        a_as_b, dy_slice = weights[:, rows].transpose(1, 2), grad_y[:, rows]
-        if per_token:
-            expand.launch_per_token(dy_slice, a_as_b, grad_x, token_adapter, adapter_rank, unit_scaling,
-                                    [0, in_features])
-        else:
-            expand.launch_chunk(dy_slice, a_as_b, grad_x, token_order, chunk_adapter, chunk_start, chunk_len,
-                                adapter_rank, unit_scaling, [0, in_features], chunk_size, permuted)
+        expand.launch_per_token(grad_y[:, rows], weights[:, rows].transpose(1, 2), grad_x, token_adapter,
+                                adapter_rank, unit_scaling, [0, in_features])
     return grad_x
 
 

@@ -167,23 +167,30 @@ def sgmv_shrink(
 
 def _run_expand(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                 chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size,
-                backend, kernel, float_dtypes=checks.FLOAT_DTYPES) -> None:
+                backend, kernel, float_dtypes=checks.FLOAT_DTYPES, in_place=True) -> torch.Tensor:
+    """Adds the LoRA delta into base_output and returns it, or (``in_place`` False) returns a
+    new contiguous tensor base_output + delta."""
     slice_offsets = [int(offset) for offset in slice_offsets]
     checks.check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                              chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
                              chunk_size, backend, kernel, float_dtypes)
+    if backend != "torch_native" and kernel == "chunk" and not in_place:  # one pass: base read, out written
+        out = torch.empty_like(base_output, memory_format=torch.contiguous_format)
+        _triton_kernels().expand.launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start,
+                                              chunk_len, adapter_rank, adapter_scaling, slice_offsets,
+                                              chunk_size, permuted=backend == "csgmv", out=out)
+        return out
+    out = base_output if in_place else base_output.clone(memory_format=torch.contiguous_format)
     if backend == "torch_native":
-        torch_native.sgmv_expand(base_output, y, weights, token_adapter, adapter_rank,
-                                 adapter_scaling, slice_offsets)
-        return
-    expand = _triton_kernels().expand
-    if kernel == "per_token":
-        expand.launch_per_token(y, weights, base_output, token_adapter, adapter_rank,
-                                adapter_scaling, slice_offsets)
-        return
-    expand.launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start, chunk_len,
-                        adapter_rank, adapter_scaling, slice_offsets, chunk_size,
-                        permuted=backend == "csgmv")
+        torch_native.sgmv_expand(out, y, weights, token_adapter, adapter_rank, adapter_scaling, slice_offsets)
+    elif kernel == "per_token":
+        _triton_kernels().expand.launch_per_token(y, weights, out, token_adapter, adapter_rank, adapter_scaling,
+                                                  slice_offsets)
+    else:
+        _triton_kernels().expand.launch_chunk(y, weights, out, token_order, chunk_adapter, chunk_start, chunk_len,
+                                              adapter_rank, adapter_scaling, slice_offsets, chunk_size,
+                                              permuted=backend == "csgmv")
+    return out
 
 
 # Each expand op's args after (base_output, y, weights): the 6 metadata tensors,
@@ -418,9 +425,8 @@ def _expand_autograd_fake(base_output, y, weights, *args):
 
 
 def _expand_autograd_impl(base_output, y, weights, *args):
-    out = base_output.clone(memory_format=torch.contiguous_format)
-    _run_expand("sgmv_expand_autograd", out, y, weights, *args, checks.twin_dtypes(args[-2]))
-    return out
+    return _run_expand("sgmv_expand_autograd", base_output, y, weights, *args, checks.twin_dtypes(args[-2]),
+                       in_place=False)
 
 
 def _embedding_a_autograd_fake(token_ids, weights, token_adapter, adapter_rank, backend):

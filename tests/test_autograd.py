@@ -8,6 +8,8 @@
   training step captured in a CUDA graph.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,15 +164,44 @@ def test_per_token_kernel_grads_match_per_adapter_reference(layer, monkeypatch):
         check_layer_grads(TINY_MIXED, layer, backend, dims=TINY)
 
 
-def test_weight_grads_when_each_program_walks_many_chunks(monkeypatch):
-    """One program per output tile walks every chunk, adding its sum at each change of adapter."""
+@pytest.mark.parametrize("target_programs, max_group", [(1, 256), (3, 256), (1, 2)],
+                         ids=["one_group", "groups_cut_runs", "groups_capped"])
+def test_weight_grads_when_each_program_walks_many_chunks(target_programs, max_group, monkeypatch):
+    """Programs that walk many chunks: one group per output tile (every run of the plan in one
+    program), groups whose boundaries fall inside runs, and groups capped at two chunks."""
     import csrc_triton.grad
 
-    monkeypatch.setattr(csrc_triton.grad, "_TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(csrc_triton.grad, "_TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(csrc_triton.grad, "_MAX_GROUP", max_group)
     force_matmul_kernels(monkeypatch, per_token=False)
     for backend in kernel_backends():
         check_layer_grads(SKEWED_90, LAYERS[0], backend)
         check_layer_grads(MIXED, LAYERS[0], backend)
+
+
+@pytest.mark.parametrize("records_grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer[0])
+def test_out_of_place_expand_writes_every_row(layer, records_grad, monkeypatch):
+    """The out-of-place expand (training's) returns base + delta in a new tensor: every row,
+    tokens without adapter and of rank-0 slots included, though its buffer starts as NaN."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: real_empty_like(*args, **kwargs).fill_(float("nan")))
+    force_matmul_kernels(monkeypatch, per_token=False)
+    name, widths, expand = layer
+    for backend in backends_for(torch.float32):
+        gen, seed = fresh_generator()
+        batch = make_batch(MIXED)
+        inputs = _layer_inputs(batch, widths, Dims(), torch.float32, gen)
+        x, A, B, base = (inputs[key].clone().requires_grad_(records_grad) for key in ("x", "A", "B", "base"))
+        out = expand(lora_ops.sgmv_shrink(x, A, batch, len(widths), backend=backend), B, batch, base, backend)
+        assert out.data_ptr() != base.data_ptr() and torch.equal(base.detach(), inputs["base"])
+
+        def reference(dtype):
+            clean = [inputs[key].to(dtype).nan_to_num(0.0) for key in ("x", "A", "B", "base")]
+            return _reference_layer(*clean, batch, widths)
+
+        assert_close_to_reference(out.detach(), reference(torch.float64), reference(torch.float32),
+                                  f"{name}/{backend}/records_grad={records_grad}", seed)
 
 
 def check_embedding_grads(scenario, backend, dtype=torch.float32, dims=Dims(), device=DEVICE):
@@ -272,10 +303,14 @@ GPU_LAYERS = [
 ]
 
 
-def _gpu_scenario(num_tokens: int, skewed: bool) -> Scenario:
+GPU_RANKS = (64, 8, 16, 0, 64, 32, 64, 8)
+# rank 128: the kernels' two K steps, the second partly masked for rank 100
+GPU_RANKS_128 = (128, 8, 100, 0, 128, 64, 16, 8)
+
+
+def _gpu_scenario(num_tokens: int, skewed: bool, ranks=GPU_RANKS) -> Scenario:
     """16 sequences (so that batches of equal token counts copy into each other) over 8 slots of
     heterogeneous ranks, some without adapter; skewed: adapter 4 holds 90 % of the tokens."""
-    ranks = (64, 8, 16, 0, 64, 32, 64, 8)
     if skewed:
         big = num_tokens * 9 // 10
         small = [(num_tokens - big) // 15] * 15
@@ -294,6 +329,14 @@ def test_gpu_bf16_grads(layer, num_tokens, skewed, matmul_kernels):
     for backend in ("triton", "csgmv"):
         check_layer_grads(_gpu_scenario(num_tokens, skewed), layer, backend, torch.bfloat16, GPU_DIMS, "cuda")
         check_embedding_grads(_gpu_scenario(num_tokens, skewed), backend, torch.bfloat16, GPU_DIMS, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("layer", GPU_LAYERS, ids=lambda layer: layer[0])
+def test_gpu_bf16_grads_at_rank_128(layer, matmul_kernels):
+    dims = dataclasses.replace(GPU_DIMS, max_rank=128)
+    for backend in ("triton", "csgmv"):
+        check_layer_grads(_gpu_scenario(2048, False, GPU_RANKS_128), layer, backend, torch.bfloat16, dims, "cuda")
 
 
 @requires_cuda
