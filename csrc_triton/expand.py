@@ -43,8 +43,8 @@ def _expand_chunk_kernel(
     slice1_offset, slice2_offset, slice3_offset,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO_STEPS: tl.constexpr,
-    K_SLICES: tl.constexpr, OUT_OF_PLACE: tl.constexpr, PERMUTED: tl.constexpr, IEEE_DOT: tl.constexpr,
-    DEPENDENT_LAUNCH: tl.constexpr,
+    K_SLICES: tl.constexpr, OUT_OF_PLACE: tl.constexpr, HAS_BASE: tl.constexpr, PERMUTED: tl.constexpr,
+    IEEE_DOT: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
     wait_for_previous_kernel(DEPENDENT_LAUNCH)
     tile, chunk = tile_and_row_block(NUM_N_TILES)
@@ -78,7 +78,10 @@ def _expand_chunk_kernel(
     # The base-output read is issued first so its latency overlaps the matmul.
     base_ptrs = base_ptr + rows[:, None] * base_stride_row + cols[None, :]
     tile_mask = row_mask[:, None] & col_mask[None, :]
-    base_tile = tl.load(base_ptrs, mask=tile_mask, other=0.0)
+    if HAS_BASE:
+        base_tile = tl.load(base_ptrs, mask=tile_mask, other=0.0)
+    else:  # out = the delta alone (no base output to read)
+        base_tile = tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty)
     if OUT_OF_PLACE:
         out_ptrs = out_ptr + rows[:, None] * out_stride_row + cols[None, :]
     else:
@@ -215,9 +218,11 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
                  permuted: bool, k_slices: int = 1, out: torch.Tensor | None = None) -> None:
     """base_output += the LoRA delta of every token, one program per (N tile, chunk); with
     ``out`` (base_output's shape and dtype), out = base_output + delta instead, every row
-    written (the plan's chunks cover every token). ``k_slices`` > 1 (one output slice): y
-    (s, k*R) and weights (L, out, k*R) hold k rank blocks, each within the slot's rank, summed:
-    the shrink's input gradient in one pass."""
+    written (the plan's chunks cover every token), or out = delta when base_output is None.
+    ``k_slices`` > 1 (one output slice): y (s, k*R) and weights (L, out, k*R) hold k rank
+    blocks, each within the slot's rank, summed: the shrink's input gradient in one pass."""
+    has_base = base_output is not None
+    base_output = base_output if has_base else out
     num_tokens, n_total = base_output.shape
     if num_tokens == 0:
         return
@@ -236,6 +241,7 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
         first_tile[1], first_tile[2], *ends,
         MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles,
         BLOCK_M=chunk_size, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        TWO_STEPS=cfg["two_steps"], K_SLICES=k_slices, OUT_OF_PLACE=out_of_place, PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
+        TWO_STEPS=cfg["two_steps"], K_SLICES=k_slices, OUT_OF_PLACE=out_of_place, HAS_BASE=has_base,
+        PERMUTED=permuted, IEEE_DOT=ieee_dot(base_output.dtype),
         DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

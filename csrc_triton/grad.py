@@ -157,17 +157,18 @@ def sgmv_shrink_grad_x(grad_y, weights, token_adapter, token_order, chunk_adapte
                        adapter_rank, num_slices: int, chunk_size: int, permuted: bool,
                        per_token: bool) -> torch.Tensor:
     """dx (s, in) = sum_i dy[:, slice i, :r] @ A[a, slice i rows]: the expand kernel with A read
-    transposed as B (L, in, n*R) and scaling 1, accumulating into dx -- the chunk kernel sums
-    the slices in one pass, the per-token kernel takes one launch per slice."""
+    transposed as B (L, in, n*R) and scaling 1 -- the chunk kernel writes every row of dx in one
+    pass over the slices; the per-token kernel accumulates into zeros, one launch per slice."""
     max_rank = weights.shape[1] // num_slices
     in_features = weights.shape[2]
-    grad_x = torch.zeros(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
     unit_scaling = torch.ones(adapter_rank.shape[0], dtype=torch.float32, device=grad_y.device)
     if not per_token:
-        expand.launch_chunk(grad_y, weights.transpose(1, 2), grad_x, token_order, chunk_adapter, chunk_start,
+        grad_x = torch.empty(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
+        expand.launch_chunk(grad_y, weights.transpose(1, 2), None, token_order, chunk_adapter, chunk_start,
                             chunk_len, adapter_rank, unit_scaling, [0, in_features], chunk_size, permuted,
-                            k_slices=num_slices)
+                            k_slices=num_slices, out=grad_x)
         return grad_x
+    grad_x = torch.zeros(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
     for i in range(num_slices):
         rows = slice(i * max_rank, (i + 1) * max_rank)
         expand.launch_per_token(grad_y[:, rows], weights[:, rows].transpose(1, 2), grad_x, token_adapter,

@@ -204,6 +204,17 @@ def test_out_of_place_expand_writes_every_row(layer, records_grad, monkeypatch):
                                   f"{name}/{backend}/records_grad={records_grad}", seed)
 
 
+def test_input_gradient_writes_every_row(monkeypatch):
+    """dx comes from torch.empty and the expand kernel writes every row of it (zeros for tokens
+    without adapter): poisoned with NaN, an unwritten row fails the gradient check."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: real_empty(*args, **kwargs).fill_(float("nan")))
+    force_matmul_kernels(monkeypatch, per_token=False)
+    for backend in kernel_backends():
+        for layer in LAYERS:
+            check_layer_grads(MIXED, layer, backend)
+
+
 def check_embedding_grads(scenario, backend, dtype=torch.float32, dims=Dims(), device=DEVICE):
     gen, seed = fresh_generator()
     batch = make_batch(scenario, device=device)
