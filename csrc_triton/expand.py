@@ -230,10 +230,10 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
     cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
     first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
-    pdl = dependent_launch(base_output)
-    # grid: (N tiles of all slices x chunks,)
     out_of_place = out is not None
     out = out if out_of_place else base_output
+    pdl = dependent_launch(base_output)
+    # grid: (N tiles of all slices x chunks,)
     _expand_chunk_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](
         y, weights, base_output, out, token_order,
         chunk_adapter, chunk_start, chunk_len, adapter_rank, adapter_scaling,
