@@ -25,9 +25,9 @@ from .embedding import token_block_entries
 from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
 
 # Programs a weight-gradient launch aims for: fewer make each program walk more tokens, more
-# make more atomic adds.
+# make more atomic adds (H100 sweep of 128-512 programs x 64/128-token steps: bench_results/NOTES.md).
 _TARGET_PROGRAMS = 256
-# Most chunks one program reads its group's adapters of (a vector of that many in registers)
+# Most chunks one program takes (their adapters are loaded as one vector of this length)
 _MAX_GROUP = 256
 # Tokens per step of the weight-gradient loop (the K of its dot)
 _BLOCK_T = 64
