@@ -221,8 +221,10 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
     written (the plan's chunks cover every token), or out = delta when base_output is None.
     ``k_slices`` > 1 (one output slice): y (s, k*R) and weights (L, out, k*R) hold k rank
     blocks, each within the slot's rank, summed: the shrink's input gradient in one pass."""
-    has_base = base_output is not None
-    base_output = base_output if has_base else out
+    out_of_place, has_base = out is not None, base_output is not None
+    if not has_base:
+        base_output = out  # never read (HAS_BASE off): the kernel's base pointer and the shape
+    out = out if out_of_place else base_output
     num_tokens, n_total = base_output.shape
     if num_tokens == 0:
         return
@@ -230,8 +232,6 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
     cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
     first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
-    out_of_place = out is not None
-    out = out if out_of_place else base_output
     pdl = dependent_launch(base_output)
     # grid: (N tiles of all slices x chunks,)
     _expand_chunk_kernel[grid_1d(num_n_tiles, chunk_adapter.shape[0])](

@@ -174,22 +174,18 @@ def _run_expand(op, base_output, y, weights, token_adapter, token_order, chunk_a
     checks.check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                              chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
                              chunk_size, backend, kernel, float_dtypes)
-    if backend != "torch_native" and kernel == "chunk" and not in_place:  # one pass: base read, out written
-        out = torch.empty_like(base_output, memory_format=torch.contiguous_format)
+    if backend != "torch_native" and kernel == "chunk":  # out of place in one pass: base read, out written
+        out = None if in_place else torch.empty_like(base_output, memory_format=torch.contiguous_format)
         _triton_kernels().expand.launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start,
                                               chunk_len, adapter_rank, adapter_scaling, slice_offsets,
                                               chunk_size, permuted=backend == "csgmv", out=out)
-        return out
+        return base_output if in_place else out
     out = base_output if in_place else base_output.clone(memory_format=torch.contiguous_format)
     if backend == "torch_native":
         torch_native.sgmv_expand(out, y, weights, token_adapter, adapter_rank, adapter_scaling, slice_offsets)
-    elif kernel == "per_token":
+    else:
         _triton_kernels().expand.launch_per_token(y, weights, out, token_adapter, adapter_rank, adapter_scaling,
                                                   slice_offsets)
-    else:
-        _triton_kernels().expand.launch_chunk(y, weights, out, token_order, chunk_adapter, chunk_start, chunk_len,
-                                              adapter_rank, adapter_scaling, slice_offsets, chunk_size,
-                                              permuted=backend == "csgmv")
     return out
 
 
