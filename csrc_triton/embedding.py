@@ -44,7 +44,7 @@ def launch(token_ids, weights, token_adapter, adapter_rank) -> torch.Tensor:
     """y (s, R): y[t, j] = A[a(t), j, ids[t]] for j < rank, else 0; zero rows for a(t) == -1."""
     num_tokens = token_ids.shape[0]
     _, max_rank, vocab_size = weights.shape
-    out = torch.empty((num_tokens, max_rank), dtype=weights.dtype, device=weights.device)
+    out = weights.new_empty((num_tokens, max_rank))
     if num_tokens == 0 or max_rank == 0:
         return out
     block_r = next_power_of_2(max_rank)

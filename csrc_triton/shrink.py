@@ -197,7 +197,7 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
     """y (s, num_slices*R) by the per-token GEMV; every element written."""
     num_tokens, in_features = x.shape
     n_total = weights.shape[1]
-    out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
+    out = x.new_empty((num_tokens, n_total))
     if num_tokens == 0 or n_total == 0:
         return out
     # 2 columns x 4 warps up to 64 tokens, 4 x 2 beyond (bench_results/NOTES.md). Up to 64
@@ -227,7 +227,7 @@ def launch_chunk(x, weights, token_order, chunk_adapter, chunk_start, chunk_len,
     num_tokens, in_features = x.shape
     n_total = weights.shape[1]
     max_rank = n_total // num_slices
-    out = torch.empty((num_tokens, n_total), dtype=x.dtype, device=x.device)
+    out = x.new_empty((num_tokens, n_total))
     if num_tokens == 0 or n_total == 0:
         return out
     cfg = _chunk_config(chunk_size, n_total, in_features, max_rank, x.dtype, num_tokens)

@@ -114,12 +114,29 @@ def check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter,
                       float_dtypes=FLOAT_DTYPES) -> None:
     check_tensor(op, "x", x, 2, float_dtypes)
     check_tensor(op, "weights", weights, 3, float_dtypes)
-    check_like(op, "weights", weights, "x", x)
     check_num_slices(op, num_slices, weights)
+    check_x_fits_weights(op, x, weights)
     check_metadata(op, "x", x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank)
     check_slots(op, weights, adapter_rank)
-    check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
     check_backend(op, backend, kernel)
+
+
+def check_x_fits_weights(op, x, weights) -> None:
+    """The shrink's (checked) ``x`` and weights agree."""
+    check_like(op, "weights", weights, "x", x)
+    check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
+
+
+def check_batch_fits(op: str, name: str, tensor, weights, batch) -> None:
+    """The metadata check of a call that passes a ``LoRABatch``'s own tensors (checked when the
+    batch was built: int32, 1-D, on its device): only ``tensor``'s device and tokens and the
+    weights' slots remain."""
+    device = batch.device
+    if tensor.device != device or weights.device != device:
+        what, wrong = (name, tensor.device) if tensor.device != device else ("weights", weights.device)
+        fail(op, f"batch metadata (token_adapter) is on {device} but {what} is on {wrong}")
+    check_size(op, f"{name}.shape[0] (tokens) must match the batch's token count", tensor.shape[0], batch.num_tokens)
+    check_size(op, "weights.shape[0] (adapter slots) must match the batch's slots", weights.shape[0], batch.num_slots)
 
 
 def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
@@ -137,12 +154,8 @@ def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
 def check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                       chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
                       chunk_size, backend, kernel, float_dtypes=FLOAT_DTYPES) -> None:
-    check_tensor(op, "base_output", base_output, 2, float_dtypes)
-    check_slice_offsets(op, slice_offsets, base_output.shape[1])
-    check_tensor(op, "y", y, 2, float_dtypes)
     check_tensor(op, "weights", weights, 3, float_dtypes)
-    check_like(op, "y", y, "base_output", base_output)
-    check_like(op, "weights", weights, "base_output", base_output)
+    check_expand_inputs(op, base_output, y, weights, slice_offsets, float_dtypes)
     check_metadata(op, "base_output", base_output, token_adapter, token_order, chunk_adapter,
                    chunk_start, chunk_len, adapter_rank)
     check_slots(op, weights, adapter_rank)
@@ -150,11 +163,20 @@ def check_expand_args(op, base_output, y, weights, token_adapter, token_order, c
     if adapter_scaling.device != adapter_rank.device:
         fail(op, f"adapter_scaling must be on {adapter_rank.device}, got {adapter_scaling.device}")
     check_size(op, "adapter_scaling.shape[0] must match the batch's slots", adapter_scaling.shape[0], adapter_rank.shape[0])
+    check_backend(op, backend, kernel)
+
+
+def check_expand_inputs(op, base_output, y, weights, slice_offsets, float_dtypes=FLOAT_DTYPES) -> None:
+    """``base_output``, ``y`` and the slices against the (checked) weights."""
+    check_tensor(op, "base_output", base_output, 2, float_dtypes)
+    check_slice_offsets(op, slice_offsets, base_output.shape[1])
+    check_tensor(op, "y", y, 2, float_dtypes)
+    check_like(op, "y", y, "base_output", base_output)
+    check_like(op, "weights", weights, "base_output", base_output)
     num_slices = len(slice_offsets) - 1
     check_size(op, "y.shape[0] (tokens) must match base_output.shape[0]", y.shape[0], base_output.shape[0])
     check_size(op, "weights.shape[1] (out features) must match base_output.shape[1]", weights.shape[1], base_output.shape[1])
     check_size(op, f"y.shape[1] must be {num_slices} slices x weights.shape[2] (R)", y.shape[1], num_slices * weights.shape[2])
-    check_backend(op, backend, kernel)
 
 
 def qkv_offsets(op: str, base_output, q_size, kv_size) -> list:

@@ -7,6 +7,13 @@ resolves the backend, checks what needs host values, and calls the op). Importin
 registers the ops; it must be imported before any graph capture (``import lora_ops`` does it).
 Triton kernels are imported lazily, the first time a Triton backend runs.
 
+In plain eager (``_runs_directly``: nothing traces, no dispatch or function mode, no functorch
+transform) a Python function runs its op's code itself rather than through ``torch.ops.lora``,
+whose call into a Python kernel costs more host time than a whole matmul call. It runs the op's
+check less what its ``LoRABatch`` guarantees (the metadata tensors were checked when the batch
+was built), and an in-place expand bumps ``base_output``'s version as the op's ``Tensor(a!)``
+would. ``torch.compile``, FakeTensor, ``make_fx`` and user modes see the op.
+
 Conventions shared by every op and every backend:
 
 - Shrink weights ``A (L, n*R, in)``: slice ``i`` of slot ``l`` in rows ``[i*R, i*R + r_l)``.
@@ -101,6 +108,28 @@ def _triton_kernels():
     return csrc_triton
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _runs_directly(*tensors) -> bool:
+    """Whether a Python function may run its op's code itself instead of calling the op (see the
+    module docstring): not while torch.compile or torch.jit trace, under a dispatch or function
+    mode (FakeTensorMode, make_fx, a user's mode: they must see the op) or a functorch transform,
+    and for plain tensors only. (The dispatcher's call into a Python kernel costs about 6 us of
+    host time on a CPU where a whole matmul call costs 2-3.)"""
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and torch._C._get_tracing_state() is None
+            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd must record the call: the op's differentiable twin runs instead."""
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
 # ---- sgmv_shrink ------------------------------------------------------------------------------
 
 
@@ -115,10 +144,13 @@ def _shrink_impl(x, weights, *args):
     return _run_shrink("sgmv_shrink", x, weights, *args)
 
 
-def _run_shrink(op, x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
-                adapter_rank, num_slices, chunk_size, backend, kernel, float_dtypes=checks.FLOAT_DTYPES):
-    checks.check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter, chunk_start,
-                             chunk_len, adapter_rank, num_slices, chunk_size, backend, kernel, float_dtypes)
+def _run_shrink(op, x, weights, *args, float_dtypes=checks.FLOAT_DTYPES):
+    checks.check_shrink_args(op, x, weights, *args, float_dtypes)
+    return _shrink_kernels(x, weights, *args)
+
+
+def _shrink_kernels(x, weights, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len,
+                    adapter_rank, num_slices, chunk_size, backend, kernel):
     if backend == "torch_native":
         return torch_native.sgmv_shrink(x, weights, token_adapter, adapter_rank, num_slices)
     shrink = _triton_kernels().shrink
@@ -156,24 +188,34 @@ def sgmv_shrink(
     checks.check_num_slices(op, num_slices, weights)
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
     decision = resolve(op, batch, weights, backend)
-    records_grad = torch.is_grad_enabled() and (weights.requires_grad or getattr(x, "requires_grad", False))
-    shrink = torch.ops.lora.sgmv_shrink_autograd if records_grad else torch.ops.lora.sgmv_shrink
-    return shrink(x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size,
-                  decision.backend, decision.kernel)
+    args = (x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size, decision.backend,
+            decision.kernel)
+    if _records_grad(x, weights):
+        return torch.ops.lora.sgmv_shrink_autograd(*args)
+    if _runs_directly(x, weights):  # the op's checks, less what the batch guarantees
+        checks.check_tensor(op, "x", x, 2)
+        checks.check_x_fits_weights(op, x, weights)
+        checks.check_batch_fits(op, "x", x, weights, batch)
+        return _shrink_kernels(*args)
+    return torch.ops.lora.sgmv_shrink(*args)
 
 
 # ---- the expand ops: sgmv_expand, qkv_expand, gate_up_expand ---------------------------------
 
 
-def _run_expand(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
-                chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size,
-                backend, kernel, float_dtypes=checks.FLOAT_DTYPES, in_place=True) -> torch.Tensor:
+def _run_expand(op, base_output, y, weights, *args, float_dtypes=checks.FLOAT_DTYPES,
+                in_place=True) -> torch.Tensor:
+    *metadata, adapter_scaling, slice_offsets, chunk_size, backend, kernel = args
+    args = (*metadata, adapter_scaling, [int(offset) for offset in slice_offsets], chunk_size, backend, kernel)
+    checks.check_expand_args(op, base_output, y, weights, *args, float_dtypes)
+    return _expand_kernels(base_output, y, weights, *args, in_place=in_place)
+
+
+def _expand_kernels(base_output, y, weights, token_adapter, token_order, chunk_adapter, chunk_start,
+                    chunk_len, adapter_rank, adapter_scaling, slice_offsets, chunk_size, backend, kernel,
+                    in_place=True) -> torch.Tensor:
     """Adds the LoRA delta into base_output and returns it, or (``in_place`` False) returns a
     new contiguous tensor base_output + delta."""
-    slice_offsets = [int(offset) for offset in slice_offsets]
-    checks.check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
-                             chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
-                             chunk_size, backend, kernel, float_dtypes)
     if backend != "torch_native" and kernel == "chunk":  # out of place in one pass: base read, out written
         out = None if in_place else torch.empty_like(base_output, memory_format=torch.contiguous_format)
         _triton_kernels().expand.launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_start,
@@ -243,22 +285,29 @@ _register("gate_up_expand", _gate_up_expand_fake, _gate_up_expand_impl)
 
 def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_args: tuple,
             in_place: bool, slice_offsets) -> torch.Tensor:
-    """Shared by the expand functions: host checks, the decision, then the op named ``op`` (or,
-    under autograd or out of place, its differentiable twin; ``slice_offsets()`` gives its offsets)."""
+    """Shared by the expand functions: host checks, the decision, then the op named ``op`` or, in
+    plain eager, its code (under autograd or out of place, the differentiable twin;
+    ``slice_offsets()`` gives the offsets)."""
     checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[2], "weights.shape[2]")
     decision = resolve(op, batch, weights, backend)
     metadata = batch.op_metadata(decision.plan)
-    records_grad = torch.is_grad_enabled() and (
-        weights.requires_grad or getattr(y, "requires_grad", False) or getattr(base_output, "requires_grad", False))
-    if in_place and not records_grad:
-        getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling, *slice_args,
-                                    batch.chunk_size, decision.backend, decision.kernel)
-        return base_output
-    out = torch.ops.lora.sgmv_expand_autograd(base_output, y, weights, *metadata, batch.adapter_scaling,
-                                              slice_offsets(), batch.chunk_size, decision.backend,
-                                              decision.kernel)
-    return base_output.copy_(out) if in_place else out
+    if not in_place or _records_grad(base_output, y, weights):
+        out = torch.ops.lora.sgmv_expand_autograd(base_output, y, weights, *metadata, batch.adapter_scaling,
+                                                  slice_offsets(), batch.chunk_size, decision.backend,
+                                                  decision.kernel)
+        return base_output.copy_(out) if in_place else out
+    if _runs_directly(base_output, y, weights):
+        # the op's checks, less what the batch guarantees; the in-place write made visible to autograd
+        offsets = slice_offsets()
+        checks.check_expand_inputs(op, base_output, y, weights, offsets)
+        checks.check_batch_fits(op, "base_output", base_output, weights, batch)
+        torch.autograd.graph.increment_version(base_output)
+        return _expand_kernels(base_output, y, weights, *metadata, batch.adapter_scaling, offsets,
+                               batch.chunk_size, decision.backend, decision.kernel)
+    getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling, *slice_args,
+                                batch.chunk_size, decision.backend, decision.kernel)
+    return base_output
 
 
 def sgmv_expand(
@@ -348,6 +397,10 @@ def _embedding_a_impl(token_ids, weights, token_adapter, adapter_rank, backend):
 def _run_embedding_a(op, token_ids, weights, token_adapter, adapter_rank, backend,
                      float_dtypes=checks.FLOAT_DTYPES):
     checks.check_embedding_args(op, token_ids, weights, token_adapter, adapter_rank, backend, float_dtypes)
+    return _embedding_a_kernels(token_ids, weights, token_adapter, adapter_rank, backend)
+
+
+def _embedding_a_kernels(token_ids, weights, token_adapter, adapter_rank, backend):
     if backend == "torch_native":
         return torch_native.embedding_a(token_ids, weights, token_adapter, adapter_rank)
     return _triton_kernels().embedding.launch(token_ids, weights, token_adapter, adapter_rank)
@@ -379,9 +432,13 @@ def embedding_a(
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
     decision = resolve(op, batch, weights, backend)
-    records_grad = torch.is_grad_enabled() and weights.requires_grad
-    embed = torch.ops.lora.embedding_a_autograd if records_grad else torch.ops.lora.embedding_a
-    return embed(token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
+    args = (token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
+    if _records_grad(weights):
+        return torch.ops.lora.embedding_a_autograd(*args)
+    if _runs_directly(token_ids, weights):  # the op's checks, less what the batch guarantees
+        checks.check_batch_fits(op, "token_ids", token_ids, weights, batch)
+        return _embedding_a_kernels(*args)
+    return torch.ops.lora.embedding_a(*args)
 
 
 # ---- training: the differentiable twins and their backward formulas ----------------------------
@@ -412,7 +469,7 @@ def _shrink_autograd_fake(x, weights, *args):
 
 
 def _shrink_autograd_impl(x, weights, *args):
-    return _run_shrink("sgmv_shrink_autograd", x, weights, *args, checks.twin_dtypes(args[-2]))
+    return _run_shrink("sgmv_shrink_autograd", x, weights, *args, float_dtypes=checks.twin_dtypes(args[-2]))
 
 
 def _expand_autograd_fake(base_output, y, weights, *args):
@@ -421,8 +478,8 @@ def _expand_autograd_fake(base_output, y, weights, *args):
 
 
 def _expand_autograd_impl(base_output, y, weights, *args):
-    return _run_expand("sgmv_expand_autograd", base_output, y, weights, *args, checks.twin_dtypes(args[-2]),
-                       in_place=False)
+    return _run_expand("sgmv_expand_autograd", base_output, y, weights, *args,
+                       float_dtypes=checks.twin_dtypes(args[-2]), in_place=False)
 
 
 def _embedding_a_autograd_fake(token_ids, weights, token_adapter, adapter_rank, backend):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_ops
-from lora_ops.testing import RecordLoraCalls
+from lora_ops.testing import OP_CASES_BY_NAME, RecordLoraCalls
 from conftest import OP_CASES, SCENARIOS, Dims, backends_for, fresh_generator, make_batch
 
 EXPECTED_OPS = ["sgmv_shrink", "sgmv_expand", "qkv_expand", "gate_up_expand", "embedding_a"]
@@ -103,6 +103,39 @@ def test_inference_ops_refuse_inputs_that_require_grad(op_case):
             op(*grad_args, **kwargs)
         with torch.no_grad():
             op(*grad_args, **kwargs)  # fine without grad mode
+
+
+@pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
+def test_direct_eager_calls_equal_the_op(op_case, backend, monkeypatch):
+    """In plain eager the Python functions run the kernels without the dispatcher; under any
+    dispatch mode they call the op. Both give bit-identical results."""
+    gen, _ = fresh_generator()
+    batch = make_batch(SCENARIOS[0])
+    inputs = op_case.build(batch, Dims(), torch.float32, gen)
+    with RecordLoraCalls() as recorder:
+        through_op = op_case.run(inputs, batch, backend)
+    assert len(recorder.calls) == 1
+    monkeypatch.setattr(torch.ops, "lora", None)  # a direct call must not reach torch.ops.lora
+    direct = op_case.run(inputs, batch, backend)
+    monkeypatch.undo()
+    assert torch.equal(direct, through_op)
+
+
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
+def test_direct_in_place_expand_is_visible_to_autograd(backend):
+    """The direct in-place expand bumps base_output's version, as the op's ``Tensor(a!)`` does:
+    a tensor saved for a backward and then changed by the expand fails that backward."""
+    batch = make_batch(SCENARIOS[0])
+    gen, _ = fresh_generator()
+    inputs = OP_CASES_BY_NAME["sgmv_expand"].build(batch, Dims(), torch.float32, gen)
+    base, scale = inputs["base"].clone(), torch.ones(1, requires_grad=True)
+    product = base * scale  # saves base for scale's gradient
+    version = base._version
+    lora_ops.sgmv_expand(inputs["y"], inputs["B"], batch, base, inputs["offsets"], backend=backend)
+    assert base._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
 
 
 def test_inference_op_refuses_requires_grad_under_compile():

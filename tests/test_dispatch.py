@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import lora_ops
+from lora_ops import ops
+from lora_ops.testing import RecordLoraCalls
 from conftest import DEVICE, HAS_TRITON
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -75,19 +77,16 @@ def test_embedding_has_one_kernel():
 def test_the_python_functions_run_what_explain_says(monkeypatch):
     batch = lora_ops.LoRABatch.build([3, 2], [0, 1], [4, 4], [1.0, 1.0], device=DEVICE)
     x, A = torch.randn(5, 8, device=DEVICE), torch.randn(2, 8, 8, device=DEVICE)
-    calls = []
-    real = torch.ops.lora.sgmv_shrink
-
-    class Recorder:
-        def __call__(self, *args):
-            calls.append(args[-2:])
-            return real(*args)
-
-    monkeypatch.setattr(torch.ops.lora, "sgmv_shrink", Recorder())
+    ran = []  # (backend, kernel) of every shrink whose kernels ran, directly or through the op
+    real = ops._shrink_kernels
+    monkeypatch.setattr(ops, "_shrink_kernels", lambda *args: ran.append(args[-2:]) or real(*args))
     for backend in ("torch_native", "triton", "csgmv"):
-        lora_ops.sgmv_shrink(x, A, batch, 2, backend=backend)
         decision = lora_ops.explain("sgmv_shrink", batch, A, backend=backend)
-        assert calls[-1] == (decision.backend, decision.kernel)
+        lora_ops.sgmv_shrink(x, A, batch, 2, backend=backend)  # plain eager: the kernels directly
+        with RecordLoraCalls() as recorder:  # a dispatch mode sees the op
+            lora_ops.sgmv_shrink(x, A, batch, 2, backend=backend)
+        (_, op_args, _), = recorder.calls
+        assert ran[-2:] == [(decision.backend, decision.kernel)] * 2 and op_args[-2:] == ran[-1]
 
 
 def test_unknown_names_and_unfit_tensors_are_refused():
