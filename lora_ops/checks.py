@@ -212,8 +212,9 @@ def check_rank(op: str, batch, max_rank: int, where: str) -> None:
 
 
 def check_token_ids_in_range(op: str, token_ids: torch.Tensor, vocab_size: int) -> None:
-    """Eager-only check of the ids' values (one host sync); skipped while compiling or capturing."""
-    if torch.compiler.is_compiling() or token_ids.numel() == 0:
+    """Eager-only check of the ids' values (one host sync); skipped while compiling, capturing or
+    under a dispatch mode (make_fx, FakeTensor: values cannot be read there)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or token_ids.numel() == 0:
         return
     if token_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return

@@ -419,7 +419,7 @@ def embedding_a(
 
     Args:
         token_ids: ``(s,)`` int32/int64 token ids in ``[0, vocab)`` (checked eagerly, outside
-            ``torch.compile`` and CUDA-graph capture).
+            ``torch.compile``, CUDA-graph capture and dispatch modes such as make_fx).
         weights: ``(L, R, vocab)``.
         batch: the forward's ``LoRABatch``.
 

@@ -143,12 +143,34 @@ def test_each_op_is_one_node_and_token_count_changes_do_not_recompile():
         torch.testing.assert_close(compiled(token_ids, x, batch, "torch_native"),
                                    model(token_ids, x, batch, "torch_native"))
     assert len(recorder.graphs) <= 2, "recompiled more than once"
-    lora_nodes = [
-        str(node.target) for node in recorder.graphs[-1].graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("lora.")
-    ]
-    assert lora_nodes == ["lora.embedding_a", "lora.sgmv_shrink", "lora.qkv_expand", "lora.sgmv_shrink",
-                          "lora.gate_up_expand", "lora.sgmv_shrink", "lora.sgmv_expand"]
+    assert _lora_targets(recorder.graphs[-1].graph) == _ALL_OPS_IN_ORDER
+
+
+_ALL_OPS_IN_ORDER = ["lora.embedding_a", "lora.sgmv_shrink", "lora.qkv_expand", "lora.sgmv_shrink",
+                     "lora.gate_up_expand", "lora.sgmv_shrink", "lora.sgmv_expand"]
+
+
+def _lora_targets(graph) -> list[str]:
+    return [str(node.target).removesuffix(".default") for node in graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("lora.")]
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "export"])
+def test_tracers_without_dynamo_record_every_op(tracer):
+    """make_fx and non-strict torch.export trace through dispatch modes: the Python functions
+    then call the ops (their direct eager path would hide the LoRA from the graph)."""
+    model = TinyLoRAModel(num_slots=3).to(DEVICE)
+    token_ids, x, batch = _inputs((3, 5, 2), (0, 1, -1))
+
+    class Forward(torch.nn.Module):  # the batch is a constant of the traced function
+        def forward(self, token_ids, x):
+            return model(token_ids, x, batch, "torch_native")
+
+    if tracer == "make_fx":
+        graph = torch.fx.experimental.proxy_tensor.make_fx(Forward())(token_ids, x).graph
+    else:
+        graph = torch.export.export(Forward(), (token_ids, x), strict=False).graph
+    assert _lora_targets(graph) == _ALL_OPS_IN_ORDER
 
 
 # ---- on the GPU: cudagraph trees (mode="reduce-overhead") and the default mode, bfloat16 ----
