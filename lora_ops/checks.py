@@ -114,32 +114,16 @@ def check_shrink_args(op, x, weights, token_adapter, token_order, chunk_adapter,
                       float_dtypes=FLOAT_DTYPES) -> None:
     check_tensor(op, "x", x, 2, float_dtypes)
     check_tensor(op, "weights", weights, 3, float_dtypes)
+    check_like(op, "weights", weights, "x", x)
     check_num_slices(op, num_slices, weights)
-    check_x_fits_weights(op, x, weights)
     check_metadata(op, "x", x, token_adapter, token_order, chunk_adapter, chunk_start, chunk_len, adapter_rank)
     check_slots(op, weights, adapter_rank)
+    check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
     check_backend(op, backend, kernel)
 
 
-def check_x_fits_weights(op, x, weights) -> None:
-    """The shrink's (checked) ``x`` and weights agree."""
-    check_like(op, "weights", weights, "x", x)
-    check_size(op, "weights.shape[2] (in features) must match x.shape[1]", weights.shape[2], x.shape[1])
-
-
-def check_batch_fits(op: str, name: str, tensor, weights, batch) -> None:
-    """The metadata check of a call that passes a ``LoRABatch``'s own tensors (checked when the
-    batch was built: int32, 1-D, on its device): only ``tensor``'s device and tokens and the
-    weights' slots remain."""
-    device = batch.device
-    if tensor.device != device or weights.device != device:
-        what, wrong = (name, tensor.device) if tensor.device != device else ("weights", weights.device)
-        fail(op, f"batch metadata (token_adapter) is on {device} but {what} is on {wrong}")
-    check_size(op, f"{name}.shape[0] (tokens) must match the batch's token count", tensor.shape[0], batch.num_tokens)
-    check_size(op, "weights.shape[0] (adapter slots) must match the batch's slots", weights.shape[0], batch.num_slots)
-
-
-def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
+def check_slice_offsets(op: str, slice_offsets, out_features) -> list:
+    """The offsets as a list, if they are valid."""
     offsets = list(slice_offsets)
     if len(offsets) < 2 or offsets[0] != 0:
         fail(op, f"slice_offsets must start at 0 and have at least 2 entries, got {offsets}")
@@ -149,13 +133,18 @@ def check_slice_offsets(op: str, slice_offsets, out_features) -> None:
         fail(op, f"slice_offsets must be strictly increasing, got {offsets}")
     if offsets[-1] != out_features:
         fail(op, f"slice_offsets must end at base_output.shape[1] = {out_features}, got {offsets}")
+    return offsets
 
 
 def check_expand_args(op, base_output, y, weights, token_adapter, token_order, chunk_adapter,
                       chunk_start, chunk_len, adapter_rank, adapter_scaling, slice_offsets,
                       chunk_size, backend, kernel, float_dtypes=FLOAT_DTYPES) -> None:
+    check_tensor(op, "base_output", base_output, 2, float_dtypes)
+    check_slice_offsets(op, slice_offsets, base_output.shape[1])
+    check_tensor(op, "y", y, 2, float_dtypes)
     check_tensor(op, "weights", weights, 3, float_dtypes)
-    check_expand_inputs(op, base_output, y, weights, slice_offsets, float_dtypes)
+    check_like(op, "y", y, "base_output", base_output)
+    check_like(op, "weights", weights, "base_output", base_output)
     check_metadata(op, "base_output", base_output, token_adapter, token_order, chunk_adapter,
                    chunk_start, chunk_len, adapter_rank)
     check_slots(op, weights, adapter_rank)
@@ -163,20 +152,50 @@ def check_expand_args(op, base_output, y, weights, token_adapter, token_order, c
     if adapter_scaling.device != adapter_rank.device:
         fail(op, f"adapter_scaling must be on {adapter_rank.device}, got {adapter_scaling.device}")
     check_size(op, "adapter_scaling.shape[0] must match the batch's slots", adapter_scaling.shape[0], adapter_rank.shape[0])
-    check_backend(op, backend, kernel)
-
-
-def check_expand_inputs(op, base_output, y, weights, slice_offsets, float_dtypes=FLOAT_DTYPES) -> None:
-    """``base_output``, ``y`` and the slices against the (checked) weights."""
-    check_tensor(op, "base_output", base_output, 2, float_dtypes)
-    check_slice_offsets(op, slice_offsets, base_output.shape[1])
-    check_tensor(op, "y", y, 2, float_dtypes)
-    check_like(op, "y", y, "base_output", base_output)
-    check_like(op, "weights", weights, "base_output", base_output)
     num_slices = len(slice_offsets) - 1
     check_size(op, "y.shape[0] (tokens) must match base_output.shape[0]", y.shape[0], base_output.shape[0])
     check_size(op, "weights.shape[1] (out features) must match base_output.shape[1]", weights.shape[1], base_output.shape[1])
     check_size(op, f"y.shape[1] must be {num_slices} slices x weights.shape[2] (R)", y.shape[1], num_slices * weights.shape[2])
+    check_backend(op, backend, kernel)
+
+
+# The eager hot path (lora_ops.ops, direct calls): everything the Python function and the op
+# would check, as one test without messages. False sends the call through the checks, which
+# name what is wrong (or, where a test here is stricter, through the op). Each must be false
+# wherever a check fails; the metadata tensors need none, the LoRABatch checked them when built.
+
+
+def shrink_call_ok(x, weights, batch, num_slices) -> bool:
+    """For plain tensors ``x`` and ``weights``."""
+    xs, ws, device = x.shape, weights.shape, x.device
+    return (len(xs) == 2 and len(ws) == 3 and x.dtype in FLOAT_DTYPES and weights.dtype == x.dtype
+            and weights.device == device and batch.token_adapter.device == device
+            and x.stride(1) == 1 and weights.stride(2) == 1 and ws[2] == xs[1]
+            and xs[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
+            and type(num_slices) is int and 1 <= num_slices <= MAX_SLICES and ws[1] % num_slices == 0
+            and batch.max_rank <= ws[1] // num_slices)
+
+
+def expand_call_ok(base_output, y, weights, batch, num_slices: int) -> bool:
+    """For plain tensors and slice offsets already checked (``num_slices`` of them)."""
+    bs, ys, ws, device = base_output.shape, y.shape, weights.shape, base_output.device
+    return (len(bs) == 2 and len(ys) == 2 and len(ws) == 3 and base_output.dtype in FLOAT_DTYPES
+            and y.dtype == base_output.dtype and weights.dtype == base_output.dtype
+            and y.device == device and weights.device == device and batch.token_adapter.device == device
+            and base_output.stride(1) == 1 and y.stride(1) == 1 and weights.stride(2) == 1
+            and ys[0] == bs[0] and ws[1] == bs[1] and ys[1] == num_slices * ws[2]
+            and bs[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
+            and batch.max_rank <= ws[2])
+
+
+def embedding_call_ok(token_ids, weights, batch) -> bool:
+    """For plain tensors; the ids' values are checked apart (check_token_ids_in_range)."""
+    ts, ws, device = token_ids.shape, weights.shape, token_ids.device
+    return (len(ts) == 1 and len(ws) == 3 and token_ids.dtype in INDEX_DTYPES and weights.dtype in FLOAT_DTYPES
+            and weights.device == device and batch.token_adapter.device == device
+            and token_ids.stride(0) == 1 and weights.stride(2) == 1
+            and ts[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
+            and batch.max_rank <= ws[1])
 
 
 def qkv_offsets(op: str, base_output, q_size, kv_size) -> list:

@@ -9,10 +9,12 @@ Triton kernels are imported lazily, the first time a Triton backend runs.
 
 In plain eager (``_runs_directly``: nothing traces, no dispatch or function mode, no functorch
 transform) a Python function runs its op's code itself rather than through ``torch.ops.lora``,
-whose call into a Python kernel costs more host time than a whole matmul call. It runs the op's
-check less what its ``LoRABatch`` guarantees (the metadata tensors were checked when the batch
-was built), and an in-place expand bumps ``base_output``'s version as the op's ``Tensor(a!)``
-would. ``torch.compile``, FakeTensor, ``make_fx`` and user modes see the op.
+whose call into a Python kernel costs more host time than a whole matmul call. Its check is one
+test of everything the function and the op would check (``checks.*_call_ok``), less what the
+``LoRABatch`` guarantees (its metadata tensors were checked when it was built); when that test
+fails the usual checks run and name the problem. An in-place expand bumps ``base_output``'s
+version as the op's ``Tensor(a!)`` would. ``torch.compile``, FakeTensor, ``make_fx`` and user
+modes see the op.
 
 Conventions shared by every op and every backend:
 
@@ -184,20 +186,18 @@ def sgmv_shrink(
         ``y (s, num_slices*R)``, zero beyond each adapter's rank and for tokens without adapter.
     """
     op = "sgmv_shrink"
+    if (_runs_directly(x, weights) and not _records_grad(x, weights)
+            and checks.shrink_call_ok(x, weights, batch, num_slices)):
+        decision = resolve(op, batch, weights, backend)
+        return _shrink_kernels(x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size,
+                               decision.backend, decision.kernel)
     checks.check_tensor(op, "weights", weights, 3)
     checks.check_num_slices(op, num_slices, weights)
     checks.check_rank(op, batch, weights.shape[1] // num_slices, "weights.shape[1] // num_slices")
     decision = resolve(op, batch, weights, backend)
-    args = (x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size, decision.backend,
-            decision.kernel)
-    if _records_grad(x, weights):
-        return torch.ops.lora.sgmv_shrink_autograd(*args)
-    if _runs_directly(x, weights):  # the op's checks, less what the batch guarantees
-        checks.check_tensor(op, "x", x, 2)
-        checks.check_x_fits_weights(op, x, weights)
-        checks.check_batch_fits(op, "x", x, weights, batch)
-        return _shrink_kernels(*args)
-    return torch.ops.lora.sgmv_shrink(*args)
+    shrink = torch.ops.lora.sgmv_shrink_autograd if _records_grad(x, weights) else torch.ops.lora.sgmv_shrink
+    return shrink(x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size,
+                  decision.backend, decision.kernel)
 
 
 # ---- the expand ops: sgmv_expand, qkv_expand, gate_up_expand ---------------------------------
@@ -285,9 +285,17 @@ _register("gate_up_expand", _gate_up_expand_fake, _gate_up_expand_impl)
 
 def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_args: tuple,
             in_place: bool, slice_offsets) -> torch.Tensor:
-    """Shared by the expand functions: host checks, the decision, then the op named ``op`` or, in
-    plain eager, its code (under autograd or out of place, the differentiable twin;
-    ``slice_offsets()`` gives the offsets)."""
+    """Shared by the expand functions: in plain eager the op's code directly; else host checks,
+    the decision, then the op named ``op`` (under autograd or out of place, the differentiable
+    twin). ``slice_offsets()`` gives the offsets, checked."""
+    if (in_place and _runs_directly(base_output, y, weights) and not _records_grad(base_output, y, weights)
+            and base_output.dim() == 2):
+        offsets = slice_offsets()
+        if checks.expand_call_ok(base_output, y, weights, batch, len(offsets) - 1):
+            decision = resolve(op, batch, weights, backend)
+            torch.autograd.graph.increment_version(base_output)  # as the op's Tensor(a!) would
+            return _expand_kernels(base_output, y, weights, *batch.op_metadata(decision.plan), batch.adapter_scaling,
+                                   offsets, batch.chunk_size, decision.backend, decision.kernel)
     checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[2], "weights.shape[2]")
     decision = resolve(op, batch, weights, backend)
@@ -297,14 +305,6 @@ def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_a
                                                   slice_offsets(), batch.chunk_size, decision.backend,
                                                   decision.kernel)
         return base_output.copy_(out) if in_place else out
-    if _runs_directly(base_output, y, weights):
-        # the op's checks, less what the batch guarantees; the in-place write made visible to autograd
-        offsets = slice_offsets()
-        checks.check_expand_inputs(op, base_output, y, weights, offsets)
-        checks.check_batch_fits(op, "base_output", base_output, weights, batch)
-        torch.autograd.graph.increment_version(base_output)
-        return _expand_kernels(base_output, y, weights, *metadata, batch.adapter_scaling, offsets,
-                               batch.chunk_size, decision.backend, decision.kernel)
     getattr(torch.ops.lora, op)(base_output, y, weights, *metadata, batch.adapter_scaling, *slice_args,
                                 batch.chunk_size, decision.backend, decision.kernel)
     return base_output
@@ -337,9 +337,14 @@ def sgmv_expand(
     Returns:
         ``base_output`` (updated), or the new tensor when ``in_place`` is False.
     """
-    slice_offsets = list(slice_offsets)
-    return _expand("sgmv_expand", y, weights, batch, base_output, backend, (slice_offsets,), in_place,
-                   lambda: slice_offsets)
+    op, slice_offsets = "sgmv_expand", list(slice_offsets)
+
+    def checked_offsets():  # a base_output of another rank fails the op's check, with its message
+        if base_output.dim() != 2:
+            return slice_offsets
+        return checks.check_slice_offsets(op, slice_offsets, base_output.shape[1])
+
+    return _expand(op, y, weights, batch, base_output, backend, (slice_offsets,), in_place, checked_offsets)
 
 
 def qkv_expand(
@@ -427,18 +432,18 @@ def embedding_a(
         ``y (s, R)`` in the weights' dtype, zero beyond each rank and for tokens without adapter.
     """
     op = "embedding_a"
+    if (_runs_directly(token_ids, weights) and not _records_grad(weights)
+            and checks.embedding_call_ok(token_ids, weights, batch)):
+        checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
+        decision = resolve(op, batch, weights, backend)
+        return _embedding_a_kernels(token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
     checks.check_tensor(op, "token_ids", token_ids, 1, dtypes=checks.INDEX_DTYPES)
     checks.check_tensor(op, "weights", weights, 3)
     checks.check_rank(op, batch, weights.shape[1], "weights.shape[1]")
     checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
     decision = resolve(op, batch, weights, backend)
-    args = (token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
-    if _records_grad(weights):
-        return torch.ops.lora.embedding_a_autograd(*args)
-    if _runs_directly(token_ids, weights):  # the op's checks, less what the batch guarantees
-        checks.check_batch_fits(op, "token_ids", token_ids, weights, batch)
-        return _embedding_a_kernels(*args)
-    return torch.ops.lora.embedding_a(*args)
+    embed = torch.ops.lora.embedding_a_autograd if _records_grad(weights) else torch.ops.lora.embedding_a
+    return embed(token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)
 
 
 # ---- training: the differentiable twins and their backward formulas ----------------------------

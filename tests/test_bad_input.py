@@ -41,6 +41,9 @@ SHRINK_CASES = [
     ({"num_slices": 0}, r"num_slices must be an int in \[1, 3\]"),
     ({"num_slices": 4, "weights": torch.randn(2, 16, 16, device=D)}, r"num_slices must be an int in \[1, 3\]"),
     ({"weights": [[1.0]]}, r"weights must be a torch.Tensor, got list"),
+    ({"weights": torch.randn(2, 16, 16, device=D).transpose(1, 2)}, r"weights must be contiguous in its last dimension"),
+    ({"weights": torch.randn(16, 16, device=D)}, r"weights must be 3-D, got shape \(16, 16\)"),
+    ({"num_slices": 2.0}, r"num_slices must be an int in \[1, 3\]"),
 ]
 
 
@@ -62,6 +65,15 @@ EXPAND_CASES = [
     ({"weights": torch.randn(2, 18, 8, device=D)}, r"weights.shape\[1\] \(out features\) must match base_output.shape\[1\]: expected 20, got 18"),
     ({"base_output": torch.randn(5, 20, device=D).half()}, r"y must have the dtype of base_output \(torch.float16\), got torch.float32"),
     ({"base_output": torch.randn(20, 5, device=D).T}, r"base_output must be contiguous in its last dimension"),
+    ({"base_output": torch.randn(20, device=D)}, r"base_output must be 2-D, got shape \(20,\)"),
+    ({"y": torch.randn(16, 5, device=D).T}, r"y must be contiguous in its last dimension"),
+    ({"y": torch.randn(5, 16, 1, device=D)}, r"y must be 2-D"),
+    ({"y": torch.randn(5, 16, device=D).half()}, r"y must have the dtype of base_output \(torch.float32\), got torch.float16"),
+    ({"weights": torch.randn(2, 20, 8, device=D).half()}, r"weights must have the dtype of base_output \(torch.float32\), got torch.float16"),
+    ({"weights": torch.randn(2, 8, 20, device=D).transpose(1, 2)}, r"weights must be contiguous in its last dimension"),
+    ({"weights": torch.randn(3, 20, 8, device=D)}, r"weights.shape\[0\] \(adapter slots\) must match the batch's slots: expected 2, got 3"),
+    ({"base_output": torch.randn(4, 20, device=D), "y": torch.randn(4, 16, device=D)},
+     r"base_output.shape\[0\] \(tokens\) must match the batch's token count: expected 5, got 4"),
 ]
 
 
@@ -89,6 +101,14 @@ def test_embedding_rejects(batch):
         lora_ops.embedding_a(torch.zeros(5, device=D), A, batch)
     with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: adapter rank 8 exceeds the weights' max rank R=4"):
         lora_ops.embedding_a(torch.arange(5, device=D), torch.randn(2, 4, 50, device=D), batch)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: token_ids.shape\[0\] \(tokens\) must match the batch's token count: expected 5, got 4"):
+        lora_ops.embedding_a(torch.arange(4, device=D), A, batch)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: weights.shape\[0\] \(adapter slots\) must match the batch's slots: expected 2, got 3"):
+        lora_ops.embedding_a(torch.arange(5, device=D), torch.randn(3, 8, 50, device=D), batch)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: token_ids must be contiguous in its last dimension"):
+        lora_ops.embedding_a(torch.arange(10, device=D)[::2], A, batch)
+    with pytest.raises(lora_ops.LoRAArgumentError, match=r"^embedding_a: weights must have dtype float16, bfloat16, float32, got torch.float64"):
+        lora_ops.embedding_a(torch.arange(5, device=D), A.double(), batch)
 
 
 def test_x_that_is_not_a_tensor_is_named(batch):
