@@ -169,11 +169,9 @@ def shrink_call_ok(x, weights, batch, num_slices) -> bool:
     """For plain tensors ``x`` and ``weights``."""
     xs, ws, device = x.shape, weights.shape, x.device
     return (len(xs) == 2 and len(ws) == 3 and x.dtype in FLOAT_DTYPES and weights.dtype == x.dtype
-            and weights.device == device and batch.token_adapter.device == device
-            and x.stride(1) == 1 and weights.stride(2) == 1 and ws[2] == xs[1]
-            and xs[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
+            and weights.device == device and x.stride(1) == 1 and weights.stride(2) == 1 and ws[2] == xs[1]
             and type(num_slices) is int and 1 <= num_slices <= MAX_SLICES and ws[1] % num_slices == 0
-            and batch.max_rank <= ws[1] // num_slices)
+            and _fits_batch(batch, device, xs[0], ws[0], ws[1] // num_slices))
 
 
 def expand_call_ok(base_output, y, weights, batch, num_slices: int) -> bool:
@@ -181,21 +179,25 @@ def expand_call_ok(base_output, y, weights, batch, num_slices: int) -> bool:
     bs, ys, ws, device = base_output.shape, y.shape, weights.shape, base_output.device
     return (len(bs) == 2 and len(ys) == 2 and len(ws) == 3 and base_output.dtype in FLOAT_DTYPES
             and y.dtype == base_output.dtype and weights.dtype == base_output.dtype
-            and y.device == device and weights.device == device and batch.token_adapter.device == device
+            and y.device == device and weights.device == device
             and base_output.stride(1) == 1 and y.stride(1) == 1 and weights.stride(2) == 1
             and ys[0] == bs[0] and ws[1] == bs[1] and ys[1] == num_slices * ws[2]
-            and bs[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
-            and batch.max_rank <= ws[2])
+            and _fits_batch(batch, device, bs[0], ws[0], ws[2]))
 
 
 def embedding_call_ok(token_ids, weights, batch) -> bool:
     """For plain tensors; the ids' values are checked apart (check_token_ids_in_range)."""
     ts, ws, device = token_ids.shape, weights.shape, token_ids.device
     return (len(ts) == 1 and len(ws) == 3 and token_ids.dtype in INDEX_DTYPES and weights.dtype in FLOAT_DTYPES
-            and weights.device == device and batch.token_adapter.device == device
-            and token_ids.stride(0) == 1 and weights.stride(2) == 1
-            and ts[0] == batch.token_adapter.shape[0] and ws[0] == batch.adapter_rank.shape[0]
-            and batch.max_rank <= ws[1])
+            and weights.device == device and token_ids.stride(0) == 1 and weights.stride(2) == 1
+            and _fits_batch(batch, device, ts[0], ws[0], ws[1]))
+
+
+def _fits_batch(batch, device, num_tokens: int, num_slots: int, max_rank: int) -> bool:
+    """A direct call's device, token count, weight slots and max rank R against ``batch``."""
+    token_adapter = batch.token_adapter
+    return (token_adapter.device == device and token_adapter.shape[0] == num_tokens
+            and batch.adapter_rank.shape[0] == num_slots and batch.max_rank <= max_rank)
 
 
 def qkv_offsets(op: str, base_output, q_size, kv_size) -> list:
