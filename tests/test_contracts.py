@@ -129,7 +129,8 @@ def test_direct_in_place_expand_is_visible_to_autograd(backend):
     batch = make_batch(SCENARIOS[0])
     gen, _ = fresh_generator()
     inputs = OP_CASES_BY_NAME["sgmv_expand"].build(batch, Dims(), torch.float32, gen)
-    base, scale = inputs["base"].clone(), torch.ones(1, requires_grad=True)
+    base = inputs["base"].clone()
+    scale = torch.ones(1, device=base.device, requires_grad=True)
     product = base * scale  # saves base for scale's gradient
     version = base._version
     lora_ops.sgmv_expand(inputs["y"], inputs["B"], batch, base, inputs["offsets"], backend=backend)
