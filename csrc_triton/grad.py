@@ -46,7 +46,7 @@ def _add_into_slot(out_ptr, acc, slot, adapter_rank_ptr, offs_m, offs_n, m_size,
         live = in_rank & (offs_m < m_size)[:, None] & (offs_n < n_size)[None, :]
         out_ptrs = (out_ptr + slot.to(tl.int64) * out_stride_adapter
                     + offs_m[:, None].to(tl.int64) * out_stride_m + offs_n[None, :])
-        tl.atomic_add(out_ptrs, tl.where(live, acc, 0.0), mask=live)
+        tl.atomic_add(out_ptrs, tl.where(live, acc, 0.0), mask=live, sem="relaxed")  # a sum: no ordering needed
 
 
 @triton.jit
@@ -83,9 +83,14 @@ def _segment_outer_kernel(
         end = tl.load(chunk_start_ptr + next_run - 1) + tl.load(chunk_len_ptr + next_run - 1)
         if slot_rank(adapter_rank_ptr, adapter, MAX_RANK) > 0:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # Token rows loaded one step ahead: in the sorted plan a step's tile loads then wait on
+            # no load of the same step, and the loop keeps num_stages steps in flight (else one).
+            next_rows = chunk_rows(token_order_ptr, start, offs_t, start + offs_t < end, PERMUTED)
             for position in range(start, end, BLOCK_T):
                 row_mask = position + offs_t < end
-                rows = chunk_rows(token_order_ptr, position, offs_t, row_mask, PERMUTED)
+                rows = next_rows
+                next_rows = chunk_rows(token_order_ptr, position + BLOCK_T, offs_t,
+                                       position + BLOCK_T + offs_t < end, PERMUTED)
                 p = tl.load(p_ptr + rows[:, None] * p_stride_row + offs_m[None, :],
                             mask=row_mask[:, None] & m_mask[None, :], other=0.0)
                 q = tl.load(q_ptr + rows[:, None] * q_stride_row + offs_n[None, :],
@@ -208,7 +213,7 @@ def _embedding_grad_kernel(
                    mask=entries, other=0.0)
     out_ptrs = (out_ptr + adapter.to(tl.int64)[:, None] * out_stride_adapter
                 + offs_r[None, :].to(tl.int64) * out_stride_row + ids[:, None])
-    tl.atomic_add(out_ptrs, grad.to(tl.float32), mask=entries)
+    tl.atomic_add(out_ptrs, grad.to(tl.float32), mask=entries, sem="relaxed")
 
 
 def embedding_grad_weights(grad_y, token_ids, token_adapter, adapter_rank, vocab_size: int) -> torch.Tensor:
