@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, grid_1d, next_power_of_2, slot_rank
+from .common import CachedLaunch, cdiv, grid_1d, next_power_of_2, slot_rank
 
 
 @triton.jit
@@ -24,6 +24,7 @@ def token_block_entries(token_ids_ptr, token_adapter_ptr, adapter_rank_ptr, num_
     return tokens, token_mask, ids, adapter, offs_r, entries
 
 
+@CachedLaunch
 @triton.jit
 def _embedding_a_kernel(
     token_ids_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
+from .common import (CachedLaunch, cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
                      slot_rank, tile_and_row_block, wait_for_previous_kernel)
 
 MAX_SLICES = 3
@@ -32,6 +32,7 @@ def _slice_columns(tile, slice1_first_tile, slice2_first_tile, slice1_offset, sl
     return slice_idx, cols, cols < slice_end
 
 
+@CachedLaunch
 @triton.jit
 def _expand_chunk_kernel(
     y_ptr, weights_ptr, base_ptr, out_ptr, token_order_ptr,
@@ -122,6 +123,7 @@ def _expand_chunk_kernel(
         tl.store(out_ptrs, base_tile, mask=tile_mask)
 
 
+@CachedLaunch
 @triton.jit
 def _expand_per_token_kernel(
     y_ptr, weights_ptr, base_ptr, token_adapter_ptr, adapter_rank_ptr, adapter_scaling_ptr,

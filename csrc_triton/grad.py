@@ -22,7 +22,8 @@ import triton.language as tl
 
 from . import expand, shrink
 from .embedding import token_block_entries
-from .common import cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank, tile_and_row_block
+from .common import (CachedLaunch, cdiv, chunk_rows, dot, grid_1d, ieee_dot, next_power_of_2, slot_rank,
+                     tile_and_row_block)
 
 # Programs a weight-gradient launch aims for: fewer make each program walk more tokens, more
 # make more atomic adds (H100 sweep of 128-512 programs x 64/128-token steps: bench_results/NOTES.md).
@@ -49,6 +50,7 @@ def _add_into_slot(out_ptr, acc, slot, adapter_rank_ptr, offs_m, offs_n, m_size,
         tl.atomic_add(out_ptrs, tl.where(live, acc, 0.0), mask=live, sem="relaxed")  # a sum: no ordering needed
 
 
+@CachedLaunch
 @triton.jit
 def _segment_outer_kernel(
     p_ptr, q_ptr, out_ptr, token_order_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
@@ -199,6 +201,7 @@ def sgmv_expand_grad_y(grad_out, weights, token_adapter, token_order, chunk_adap
     return torch.cat(parts, dim=1)
 
 
+@CachedLaunch
 @triton.jit
 def _embedding_grad_kernel(
     grad_y_ptr, token_ids_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,

@@ -12,11 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
+from .common import (CachedLaunch, cdiv, chunk_rows, dependent_launch, dot, grid_1d, ieee_dot, next_power_of_2,
                      slot_rank, tile_and_row_block, wait_for_previous_kernel)
 from .workspace import arrival_counters
 
 
+@CachedLaunch
 @triton.jit
 def _shrink_chunk_kernel(
     x_ptr, weight_ptr, out_ptr, partial_ptr, counter_ptr,
@@ -100,6 +101,7 @@ def _shrink_chunk_kernel(
             tl.atomic_xchg(counter, 0)
 
 
+@CachedLaunch
 @triton.jit
 def _shrink_per_token_kernel(
     x_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,

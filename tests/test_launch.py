@@ -1,0 +1,133 @@
+"""The cached launch (``csrc_triton.common.CachedLaunch``): its key separates every argument
+property Triton compiles a different kernel for, and launches through it give the results
+``JITFunction.run`` would, also for inputs that differ from the first call's only in alignment,
+row stride or dtype."""
+
+import pytest
+import torch
+
+from conftest import (
+    HAS_TRITON, OP_CASES, SCENARIOS, Dims, assert_close_to_reference, fresh_generator, make_batch,
+    requires_cuda,
+)
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+
+
+def _key(*args):
+    from csrc_triton.common import _specialization_key
+    return _specialization_key(args)
+
+
+def test_the_key_separates_what_triton_specializes_integers_on():
+    keys = {value: _key(value) for value in (1, 2, 16, 17, 32, 2**31 - 16, 2**31, -16)}
+    assert keys[16] == keys[32] == keys[2**31 - 16] == keys[-16]  # multiples of 16 in int32
+    assert keys[2] == keys[17]  # neither 1 nor a multiple of 16
+    assert len({keys[1], keys[2], keys[16], keys[2**31]}) == 4  # 1, plain, multiple of 16, i64
+    assert _key(True) is None and _key(0.5) is None  # not an int or tensor: Triton decides
+
+
+def test_the_key_separates_dtypes_and_refuses_unaligned_pointers():
+    buffer = torch.zeros(64, dtype=torch.bfloat16)
+    assert _key(buffer[:8]) == _key(buffer[8:16])  # both 16-byte aligned
+    assert _key(buffer[:8]) != _key(buffer[:8].view(torch.float16))
+    assert _key(buffer[1:9]) is None  # 2 bytes past alignment: left to JITFunction.run
+    assert _key(buffer[:8], 16, buffer[1:9]) is None
+
+
+def test_launch_hooks_are_seen_in_either_form():
+    from csrc_triton.common import _has_launch_hook
+    from triton.knobs import HookChain
+
+    chain = HookChain()
+    assert not _has_launch_hook(None, chain)  # Triton >= 3.5 always has a chain, empty by default
+    chain.add(print)
+    assert _has_launch_hook(None, chain) and _has_launch_hook(print, None)
+
+
+def _relaid(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """A copy of ``tensor`` in the given memory layout (same values)."""
+    if layout == "unaligned":  # 2+ bytes past a 16-byte boundary, still contiguous
+        storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+        out = storage[1:].view(tensor.shape)
+    else:  # "odd row stride": the last dimension padded by one element
+        padded = torch.empty(*tensor.shape[:-1], tensor.shape[-1] + 1, dtype=tensor.dtype, device=tensor.device)
+        out = padded[..., :tensor.shape[-1]]
+    out.copy_(tensor)
+    return out
+
+
+def _relaid_inputs(inputs: dict, layout: str) -> dict:
+    """Unaligned: every tensor; odd row stride: the floating tensors of two or more dimensions."""
+    return {name: _relaid(value, layout)
+            if isinstance(value, torch.Tensor) and (layout == "unaligned" or value.is_floating_point() and value.dim() >= 2)
+            else value
+            for name, value in inputs.items()}
+
+
+@requires_cuda
+@pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", ["triton", "csgmv"])
+def test_launches_after_the_first_respecialize(op_case, backend, matmul_kernels):
+    """One op in one process: aligned bfloat16 first (its kernels cached), then unaligned
+    tensors, odd row strides, float16 and bfloat16 again; every output against the float64
+    reference."""
+    gen, seed = fresh_generator()
+    batch = make_batch(SCENARIOS[0], device="cuda")
+    for dtype, layout in [(torch.bfloat16, None), (torch.bfloat16, "unaligned"), (torch.bfloat16, "odd row stride"),
+                          (torch.float16, None), (torch.bfloat16, None)]:
+        inputs = op_case.build(batch, Dims(), dtype, gen)
+        if layout is not None:
+            inputs = _relaid_inputs(inputs, layout)
+        ref64, ref_low = op_case.reference(inputs, batch, torch.float64), op_case.reference(inputs, batch, dtype)
+        if "base" in inputs:  # the expand as a model calls it: into the relaid base, in place
+            op_case.run_in_place(inputs, batch, backend)
+            out = inputs["base"]
+        else:
+            out = op_case.run(inputs, batch, backend)
+        assert_close_to_reference(out, ref64, ref_low, f"{op_case.name} {dtype} {layout or 'aligned'}", seed)
+
+
+@requires_cuda
+def test_launch_hooks_still_see_every_launch():
+    """With a Triton launch hook set (a profiler), launches go through JITFunction.run and call it."""
+    from triton import knobs
+
+    case = OP_CASES[2]
+    gen, seed = fresh_generator()
+    batch = make_batch(SCENARIOS[0], device="cuda")
+    inputs = case.build(batch, Dims(), torch.bfloat16, gen)
+    case.run(inputs, batch, "triton")  # cached
+    launched = []
+    record = launched.append
+    chain = knobs.runtime.launch_enter_hook  # Triton >= 3.5: a HookChain; before: None or a function
+    if hasattr(chain, "add"):
+        chain.add(record)
+    else:
+        knobs.runtime.launch_enter_hook = record
+    try:
+        out = case.run(inputs, batch, "triton")
+    finally:
+        if hasattr(chain, "add"):
+            chain.remove(record)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    assert len(launched) == 1
+    assert_close_to_reference(out, case.reference(inputs, batch, torch.float64),
+                              case.reference(inputs, batch, torch.bfloat16), "shrink under a launch hook", seed)
+
+
+@requires_cuda
+def test_launches_after_the_first_take_the_cached_path():
+    """Without hooks a repeated launch is a cache hit (were the cache never filled, the host
+    saving would be lost without a sign, as it was while Triton's empty hook chains counted as
+    hooks)."""
+    from csrc_triton import shrink
+
+    case = OP_CASES[2]
+    gen, _ = fresh_generator()
+    batch = make_batch(SCENARIOS[0], device="cuda")
+    inputs = case.build(batch, Dims(), torch.bfloat16, gen)
+    case.run(inputs, batch, "triton")
+    case.run(inputs, batch, "triton")
+    assert shrink._shrink_per_token_kernel.compiled or shrink._shrink_chunk_kernel.compiled
