@@ -45,6 +45,85 @@ def test_launch_hooks_are_seen_in_either_form():
     assert _has_launch_hook(None, chain) and _has_launch_hook(print, None)
 
 
+class _FakeKernel:
+    """Stands in for a JITFunction (CPU): records what ``kernel[grid](...)`` and the compiled
+    kernel's ``run`` receive. Signature: (x, n, BLOCK: constexpr, EVEN: constexpr = True)."""
+
+    class Param:
+        def __init__(self, name, is_constexpr, default=None):
+            self.name, self.is_constexpr, self.default = name, is_constexpr, default
+
+    params = [Param("x", False), Param("n", False), Param("BLOCK", True), Param("EVEN", True, True)]
+    pre_run_hooks = []
+
+    def __init__(self):
+        self.jit_calls, self.runs = [], []
+        kernel = self
+
+        class Compiled:
+            function, packed_metadata = "function", "packed_metadata"
+
+            def run(self, *args):
+                kernel.runs.append(args)
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.jit_calls.append((grid, args, kwargs)) or self.compiled
+
+
+@pytest.fixture
+def fake_launch(monkeypatch):
+    from csrc_triton import common
+
+    monkeypatch.setattr(common, "JITFunction", _FakeKernel)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    kernel = _FakeKernel()
+    return kernel, common.CachedLaunch(kernel)
+
+
+def test_a_repeated_launch_runs_the_compiled_kernel_with_every_parameter_in_order(fake_launch):
+    kernel, launch = fake_launch
+    x = torch.zeros(8)
+    launch[(5,)](x, 32, BLOCK=64, num_warps=4)  # miss: JITFunction.run compiles and launches
+    assert len(kernel.jit_calls) == 1 and not kernel.runs
+    launch[(7,)](x, 48, BLOCK=64, num_warps=4)  # hit: same specialization
+    assert len(kernel.jit_calls) == 1
+    assert kernel.runs == [(7, 1, 1, 1234, "function", "packed_metadata", None, None, None, x, 48, 64, True)]
+
+
+@pytest.mark.parametrize("change", ["integer class", "dtype", "constexpr", "launch option", "unaligned"])
+def test_a_launch_that_triton_would_specialize_differently_goes_through_jitfunction_run(fake_launch, change):
+    kernel, launch = fake_launch
+    x = torch.zeros(16)
+    launch[(1,)](x, 32, BLOCK=64, num_warps=4)
+    args, kwargs = {
+        "integer class": ((x, 33), dict(BLOCK=64, num_warps=4)),
+        "dtype": ((x.double(), 32), dict(BLOCK=64, num_warps=4)),
+        "constexpr": ((x, 32), dict(BLOCK=128, num_warps=4)),
+        "launch option": ((x, 32), dict(BLOCK=64, num_warps=8)),
+        "unaligned": ((x[1:], 32), dict(BLOCK=64, num_warps=4)),
+    }[change]
+    launch[(1,)](*args, **kwargs)
+    assert len(kernel.jit_calls) == 2 and not kernel.runs
+
+
+def test_a_launch_hook_sends_every_launch_through_jitfunction_run(fake_launch, monkeypatch):
+    from triton import knobs
+
+    kernel, launch = fake_launch
+    x = torch.zeros(8)
+    launch[(1,)](x, 32, BLOCK=64)
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "calls"):
+        monkeypatch.setattr(chain, "calls", [print])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
+    launch[(1,)](x, 32, BLOCK=64)
+    assert len(kernel.jit_calls) == 2 and not kernel.runs
+
+
 def _relaid(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """A copy of ``tensor`` in the given memory layout (same values)."""
     if layout == "unaligned":  # 2+ bytes past a 16-byte boundary, still contiguous
