@@ -109,17 +109,23 @@ def test_a_launch_that_triton_would_specialize_differently_goes_through_jitfunct
     assert len(kernel.jit_calls) == 2 and not kernel.runs
 
 
-def test_a_launch_hook_sends_every_launch_through_jitfunction_run(fake_launch, monkeypatch):
+def _set_launch_enter_hook(monkeypatch, hook) -> None:
+    """Sets a Triton launch-enter hook until the test ends: Triton >= 3.5 keeps a HookChain
+    (empty by default), earlier versions None or a function."""
     from triton import knobs
 
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "calls"):
+        monkeypatch.setattr(chain, "calls", [hook])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+
+
+def test_a_launch_hook_sends_every_launch_through_jitfunction_run(fake_launch, monkeypatch):
     kernel, launch = fake_launch
     x = torch.zeros(8)
     launch[(1,)](x, 32, BLOCK=64)
-    chain = knobs.runtime.launch_enter_hook
-    if hasattr(chain, "calls"):
-        monkeypatch.setattr(chain, "calls", [print])
-    else:
-        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
+    _set_launch_enter_hook(monkeypatch, print)
     launch[(1,)](x, 32, BLOCK=64)
     assert len(kernel.jit_calls) == 2 and not kernel.runs
 
@@ -168,29 +174,17 @@ def test_launches_after_the_first_respecialize(op_case, backend, matmul_kernels)
 
 
 @requires_cuda
-def test_launch_hooks_still_see_every_launch():
+def test_launch_hooks_still_see_every_launch(monkeypatch):
     """With a Triton launch hook set (a profiler), launches go through JITFunction.run and call it."""
-    from triton import knobs
-
     case = OP_CASES[2]
     gen, seed = fresh_generator()
     batch = make_batch(SCENARIOS[0], device="cuda")
     inputs = case.build(batch, Dims(), torch.bfloat16, gen)
     case.run(inputs, batch, "triton")  # cached
     launched = []
-    record = launched.append
-    chain = knobs.runtime.launch_enter_hook  # Triton >= 3.5: a HookChain; before: None or a function
-    if hasattr(chain, "add"):
-        chain.add(record)
-    else:
-        knobs.runtime.launch_enter_hook = record
-    try:
-        out = case.run(inputs, batch, "triton")
-    finally:
-        if hasattr(chain, "add"):
-            chain.remove(record)
-        else:
-            knobs.runtime.launch_enter_hook = chain
+    _set_launch_enter_hook(monkeypatch, launched.append)
+    out = case.run(inputs, batch, "triton")
+    monkeypatch.undo()
     assert len(launched) == 1
     assert_close_to_reference(out, case.reference(inputs, batch, torch.float64),
                               case.reference(inputs, batch, torch.bfloat16), "shrink under a launch hook", seed)
