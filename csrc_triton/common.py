@@ -118,9 +118,9 @@ def _specialization_key(args: tuple) -> tuple | None:
     return None if pointers & 15 else tuple(key)
 
 
-def _has_launch_hook(*hooks) -> bool:
+def _has_launch_hook(hook) -> bool:
     """Whether a launch hook is set: a function, or (Triton >= 3.5) a non-empty HookChain."""
-    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 class CachedLaunch:
@@ -148,7 +148,8 @@ class CachedLaunch:
 
     def launch(self, grid: tuple[int], *args, **kwargs) -> None:
         args_key = _specialization_key(args) if isinstance(self.kernel, JITFunction) else None
-        if args_key is None or _has_launch_hook(knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        runtime = knobs.runtime
+        if args_key is None or _has_launch_hook(runtime.launch_enter_hook) or _has_launch_hook(runtime.launch_exit_hook):
             self.kernel[grid](*args, **kwargs)
             return
         device = torch.cuda.current_device()

@@ -8,6 +8,8 @@ Two kernels: ``launch_chunk`` runs one program per (N tile, chunk) over the plan
 never straddle slices. Tile choices and what was measured for them: bench_results/NOTES.md.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -127,11 +129,13 @@ def _expand_chunk_kernel(
 @triton.jit
 def _expand_per_token_kernel(
     y_ptr, weights_ptr, base_ptr, token_adapter_ptr, adapter_rank_ptr, adapter_scaling_ptr,
-    y_stride_row, y_stride_col,
-    w_stride_adapter, w_stride_out, w_stride_rank,
-    base_stride_row,
-    slice1_first_tile, slice2_first_tile,
-    slice1_offset, slice2_offset, slice3_offset,
+    # strides and slice bounds are fixed per model: as constexprs they leave the launch key only
+    # tensors (host time)
+    Y_STRIDE_ROW: tl.constexpr, Y_STRIDE_COL: tl.constexpr,
+    W_STRIDE_ADAPTER: tl.constexpr, W_STRIDE_OUT: tl.constexpr, W_STRIDE_RANK: tl.constexpr,
+    BASE_STRIDE_ROW: tl.constexpr,
+    SLICE1_FIRST_TILE: tl.constexpr, SLICE2_FIRST_TILE: tl.constexpr,
+    SLICE1_OFFSET: tl.constexpr, SLICE2_OFFSET: tl.constexpr, SLICE3_OFFSET: tl.constexpr,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
@@ -140,8 +144,8 @@ def _expand_per_token_kernel(
     # per-token kernel): the weight and base loads depend only on the token's adapter.
     tile, token = tile_and_row_block(NUM_N_TILES)
     token = token.to(tl.int64)
-    slice_idx, cols, col_mask = _slice_columns(tile, slice1_first_tile, slice2_first_tile,
-                                               slice1_offset, slice2_offset, slice3_offset, BLOCK_N)
+    slice_idx, cols, col_mask = _slice_columns(tile, SLICE1_FIRST_TILE, SLICE2_FIRST_TILE,
+                                               SLICE1_OFFSET, SLICE2_OFFSET, SLICE3_OFFSET, BLOCK_N)
     adapter = tl.load(token_adapter_ptr + token)
     rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     offs_r = tl.arange(0, BLOCK_R)
@@ -149,14 +153,14 @@ def _expand_per_token_kernel(
     # the weight load does not wait on rank. (adapter as a vector: the interpreter rejects a mask
     # of scalar & vector.)
     has_adapter = tl.zeros((BLOCK_N,), tl.int32) + adapter >= 0
-    w_ptrs = (weights_ptr + adapter.to(tl.int64) * w_stride_adapter
-              + cols[:, None].to(tl.int64) * w_stride_out + offs_r[None, :] * w_stride_rank)
+    w_ptrs = (weights_ptr + adapter.to(tl.int64) * W_STRIDE_ADAPTER
+              + cols[:, None].to(tl.int64) * W_STRIDE_OUT + offs_r[None, :] * W_STRIDE_RANK)
     w = tl.load(w_ptrs, mask=(col_mask & has_adapter)[:, None] & (offs_r < MAX_RANK)[None, :],
                 other=0.0)
-    base_ptrs = base_ptr + token * base_stride_row + cols
+    base_ptrs = base_ptr + token * BASE_STRIDE_ROW + cols
     base = tl.load(base_ptrs, mask=col_mask, other=0.0)
     in_rank = offs_r < rank
-    y = tl.load(y_ptr + token * y_stride_row + (slice_idx * MAX_RANK + offs_r) * y_stride_col,
+    y = tl.load(y_ptr + token * Y_STRIDE_ROW + (slice_idx * MAX_RANK + offs_r) * Y_STRIDE_COL,
                 mask=in_rank, other=0.0)
     if rank > 0:  # tokens without adapter keep their base output untouched
         scaling = tl.load(adapter_scaling_ptr + adapter)
@@ -180,7 +184,8 @@ def _chunk_config(chunk_size: int, n_total: int, max_rank: int, dtype: torch.dty
     return dict(block_n=block_n, block_k=block_k, two_steps=two_steps, num_warps=4, num_stages=1)
 
 
-def _slice_tiles(slice_offsets, block_n: int) -> tuple[list[int], list[int]]:
+@functools.lru_cache(maxsize=256)  # a model has a handful of slice layouts: ~1 us less per launch
+def _slice_tiles(slice_offsets: tuple[int, ...], block_n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Static tile numbering: slice i owns tiles [first_tile[i], first_tile[i + 1]); its
     columns end at ends[i] (missing slices are empty, ending at the last offset)."""
     num_slices = len(slice_offsets) - 1
@@ -190,7 +195,7 @@ def _slice_tiles(slice_offsets, block_n: int) -> tuple[list[int], list[int]]:
     first_tile = [0]
     for start, end in zip([0] + ends[:-1], ends):
         first_tile.append(first_tile[-1] + cdiv(end - start, block_n))
-    return first_tile, ends
+    return tuple(first_tile), tuple(ends)
 
 
 def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
@@ -202,14 +207,17 @@ def launch_per_token(y, weights, base_output, token_adapter, adapter_rank, adapt
     max_rank = weights.shape[2]
     block_r = max(16, next_power_of_2(max_rank))
     block_n = max(64, 8192 // block_r)  # an 8192-element B tile: 512 columns at rank 16, 128 at 64
-    first_tile, ends = _slice_tiles(slice_offsets, block_n)
+    first_tile, ends = _slice_tiles(tuple(slice_offsets), block_n)
     num_n_tiles = first_tile[MAX_SLICES]
     pdl = dependent_launch(base_output)
+    y_strides, w_strides = y.stride(), weights.stride()  # one tuple: stride(i) costs twice as much
     # grid: (N tiles of all slices x tokens,)
     _expand_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         y, weights, base_output, token_adapter, adapter_rank, adapter_scaling,
-        y.stride(0), y.stride(1), *weights.stride(), base_output.stride(0),
-        first_tile[1], first_tile[2], *ends,
+        Y_STRIDE_ROW=y_strides[0], Y_STRIDE_COL=y_strides[1], W_STRIDE_ADAPTER=w_strides[0],
+        W_STRIDE_OUT=w_strides[1], W_STRIDE_RANK=w_strides[2], BASE_STRIDE_ROW=base_output.stride()[0],
+        SLICE1_FIRST_TILE=first_tile[1], SLICE2_FIRST_TILE=first_tile[2],
+        SLICE1_OFFSET=ends[0], SLICE2_OFFSET=ends[1], SLICE3_OFFSET=ends[2],
         MAX_RANK=max_rank, NUM_N_TILES=num_n_tiles, BLOCK_N=block_n, BLOCK_R=block_r,
         DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=4,
     )
@@ -232,7 +240,7 @@ def launch_chunk(y, weights, base_output, token_order, chunk_adapter, chunk_star
         return
     max_rank = weights.shape[2] // k_slices
     cfg = _chunk_config(chunk_size, n_total, max_rank, base_output.dtype)
-    first_tile, ends = _slice_tiles(slice_offsets, cfg["block_n"])
+    first_tile, ends = _slice_tiles(tuple(slice_offsets), cfg["block_n"])
     num_n_tiles = first_tile[MAX_SLICES]
     pdl = dependent_launch(base_output)
     # grid: (N tiles of all slices x chunks,)

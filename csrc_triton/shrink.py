@@ -105,8 +105,9 @@ def _shrink_chunk_kernel(
 @triton.jit
 def _shrink_per_token_kernel(
     x_ptr, weight_ptr, out_ptr, token_adapter_ptr, adapter_rank_ptr,
-    x_stride_row, w_stride_adapter, w_stride_row, out_stride_row,
-    IN_FEATURES: tl.constexpr, N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr,
+    # strides are fixed per model: as constexprs they leave the launch key only tensors (host time)
+    X_STRIDE_ROW: tl.constexpr, W_STRIDE_ADAPTER: tl.constexpr, W_STRIDE_ROW: tl.constexpr,
+    OUT_STRIDE_ROW: tl.constexpr, IN_FEATURES: tl.constexpr, N_TOTAL: tl.constexpr, MAX_RANK: tl.constexpr,
     NUM_N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EXIT_WITHOUT_ADAPTER: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):
@@ -119,22 +120,22 @@ def _shrink_per_token_kernel(
     adapter = tl.load(token_adapter_ptr + token)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N_TOTAL
-    out_ptrs = out_ptr + token * out_stride_row + cols
+    out_ptrs = out_ptr + token * OUT_STRIDE_ROW + cols
     if EXIT_WITHOUT_ADAPTER:
         if adapter < 0:  # no adapter (or padding): zeros, x is not read
             tl.store(out_ptrs, tl.zeros((BLOCK_N,), out_ptr.dtype.element_ty), mask=col_valid)
             return
     rank = slot_rank(adapter_rank_ptr, adapter, MAX_RANK)
     # Rows past the rank are read too (they exist) and zeroed below: loading does not wait on rank.
-    w_rows = (weight_ptr + adapter.to(tl.int64) * w_stride_adapter
-              + cols[:, None].to(tl.int64) * w_stride_row)
+    w_rows = (weight_ptr + adapter.to(tl.int64) * W_STRIDE_ADAPTER
+              + cols[:, None].to(tl.int64) * W_STRIDE_ROW)
     # (adapter as a vector: the Triton interpreter rejects a mask of scalar & vector)
     w_mask = (col_valid & (tl.zeros((BLOCK_N,), tl.int32) + adapter >= 0))[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in tl.static_range(0, IN_FEATURES, BLOCK_K):  # unrolled: all loads issue up front
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < IN_FEATURES
-        x = tl.load(x_ptr + token * x_stride_row + offs_k, mask=k_mask, other=0.0)
+        x = tl.load(x_ptr + token * X_STRIDE_ROW + offs_k, mask=k_mask, other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=w_mask & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     live = col_valid & (cols % MAX_RANK < rank)
@@ -210,11 +211,12 @@ def launch_per_token(x, weights, token_adapter, adapter_rank, num_slices: int) -
     block_n, num_warps = (2, 4) if small else (4, 2)
     num_n_tiles = cdiv(n_total, block_n)
     pdl = dependent_launch(out)
+    w_strides = weights.stride()  # one tuple: stride(i) costs twice as much
     # grid: (column tiles x tokens,)
     _shrink_per_token_kernel[grid_1d(num_n_tiles, num_tokens)](
         x, weights, out, token_adapter, adapter_rank,
-        x.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
-        IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
+        X_STRIDE_ROW=x.stride()[0], W_STRIDE_ADAPTER=w_strides[0], W_STRIDE_ROW=w_strides[1],
+        OUT_STRIDE_ROW=n_total, IN_FEATURES=in_features, N_TOTAL=n_total, MAX_RANK=n_total // num_slices,
         NUM_N_TILES=num_n_tiles, BLOCK_N=block_n,
         BLOCK_K=min(2048, next_power_of_2(in_features)), EXIT_WITHOUT_ADAPTER=small,
         DEPENDENT_LAUNCH=pdl, launch_pdl=pdl, num_warps=num_warps,

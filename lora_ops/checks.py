@@ -163,13 +163,14 @@ def check_expand_args(op, base_output, y, weights, token_adapter, token_order, c
 # would check, as one test without messages. False sends the call through the checks, which
 # name what is wrong (or, where a test here is stricter, through the op). Each must be false
 # wherever a check fails; the metadata tensors need none, the LoRABatch checked them when built.
+# (stride()[i], not stride(i): the tuple costs about half as much host time.)
 
 
 def shrink_call_ok(x, weights, batch, num_slices) -> bool:
     """For plain tensors ``x`` and ``weights``."""
     xs, ws, device = x.shape, weights.shape, x.device
     return (len(xs) == 2 and len(ws) == 3 and x.dtype in FLOAT_DTYPES and weights.dtype == x.dtype
-            and weights.device == device and x.stride(1) == 1 and weights.stride(2) == 1 and ws[2] == xs[1]
+            and weights.device == device and x.stride()[1] == 1 and weights.stride()[2] == 1 and ws[2] == xs[1]
             and type(num_slices) is int and 1 <= num_slices <= MAX_SLICES and ws[1] % num_slices == 0
             and _fits_batch(batch, device, xs[0], ws[0], ws[1] // num_slices))
 
@@ -180,7 +181,7 @@ def expand_call_ok(base_output, y, weights, batch, num_slices: int) -> bool:
     return (len(bs) == 2 and len(ys) == 2 and len(ws) == 3 and base_output.dtype in FLOAT_DTYPES
             and y.dtype == base_output.dtype and weights.dtype == base_output.dtype
             and y.device == device and weights.device == device
-            and base_output.stride(1) == 1 and y.stride(1) == 1 and weights.stride(2) == 1
+            and base_output.stride()[1] == 1 and y.stride()[1] == 1 and weights.stride()[2] == 1
             and ys[0] == bs[0] and ws[1] == bs[1] and ys[1] == num_slices * ws[2]
             and _fits_batch(batch, device, bs[0], ws[0], ws[2]))
 
@@ -189,7 +190,7 @@ def embedding_call_ok(token_ids, weights, batch) -> bool:
     """For plain tensors; the ids' values are checked apart (check_token_ids_in_range)."""
     ts, ws, device = token_ids.shape, weights.shape, token_ids.device
     return (len(ts) == 1 and len(ws) == 3 and token_ids.dtype in INDEX_DTYPES and weights.dtype in FLOAT_DTYPES
-            and weights.device == device and token_ids.stride(0) == 1 and weights.stride(2) == 1
+            and weights.device == device and token_ids.stride()[0] == 1 and weights.stride()[2] == 1
             and _fits_batch(batch, device, ts[0], ws[0], ws[1]))
 
 

@@ -108,14 +108,15 @@ def rejection_reason(backend: str, device: torch.device, dtype: torch.dtype) -> 
     info = BACKEND_INFO[backend]
     if dtype not in info.dtypes:
         return f"dtype {dtype} not supported (expects one of float16, bfloat16, float32)"
+    kind = device.type  # read once: each read builds a string (host time on every call)
     if info.needs_triton:
         if not _TRITON_INSTALLED:
             return "triton is not installed"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU)"
-        if device.type not in ("cpu", "cuda"):
+        if kind not in ("cpu", "cuda"):
             return f"needs CUDA tensors, got device {device}"
-    elif device.type not in ("cpu", "cuda"):
+    elif kind not in ("cpu", "cuda"):
         return f"runs on CPU or CUDA tensors, got device {device}"
     return None
 

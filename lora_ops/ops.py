@@ -117,14 +117,18 @@ def _runs_directly(*tensors) -> bool:
     """Whether a Python function may run its op's code itself instead of calling the op (see the
     module docstring): not while torch.compile or torch.jit trace, under a dispatch or function
     mode (FakeTensorMode, make_fx, a user's mode: they must see the op) or a functorch transform,
-    and for plain tensors only. (The dispatcher's call into a Python kernel costs about 6 us of
-    host time on a CPU where a whole matmul call costs 2-3.)"""
-    return (not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active()
-            and torch._C._get_tracing_state() is None
-            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+    for plain tensors only, and not when autograd must record the call (the op's differentiable
+    twin runs). (The dispatcher's call into a Python kernel costs about 6 us of host time on a
+    CPU where a whole matmul call costs 2-3.)"""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None):
+        return False
+    grad_mode = torch.is_grad_enabled()
+    for tensor in tensors:  # a loop, not all(...): a generator costs about 1 us more
+        if type(tensor) not in _PLAIN_TENSOR_TYPES or grad_mode and tensor.requires_grad:
+            return False
+    return True
 
 
 def _records_grad(*tensors) -> bool:
@@ -186,8 +190,7 @@ def sgmv_shrink(
         ``y (s, num_slices*R)``, zero beyond each adapter's rank and for tokens without adapter.
     """
     op = "sgmv_shrink"
-    if (_runs_directly(x, weights) and not _records_grad(x, weights)
-            and checks.shrink_call_ok(x, weights, batch, num_slices)):
+    if _runs_directly(x, weights) and checks.shrink_call_ok(x, weights, batch, num_slices):
         decision = resolve(op, batch, weights, backend)
         return _shrink_kernels(x, weights, *batch.op_metadata(decision.plan), num_slices, batch.chunk_size,
                                decision.backend, decision.kernel)
@@ -288,8 +291,7 @@ def _expand(op: str, y, weights, batch: LoRABatch, base_output, backend, slice_a
     """Shared by the expand functions: in plain eager the op's code directly; else host checks,
     the decision, then the op named ``op`` (under autograd or out of place, the differentiable
     twin). ``slice_offsets()`` gives the offsets, checked."""
-    if (in_place and _runs_directly(base_output, y, weights) and not _records_grad(base_output, y, weights)
-            and base_output.dim() == 2):
+    if in_place and _runs_directly(base_output, y, weights) and base_output.dim() == 2:
         offsets = slice_offsets()
         if checks.expand_call_ok(base_output, y, weights, batch, len(offsets) - 1):
             decision = resolve(op, batch, weights, backend)
@@ -432,8 +434,7 @@ def embedding_a(
         ``y (s, R)`` in the weights' dtype, zero beyond each rank and for tokens without adapter.
     """
     op = "embedding_a"
-    if (_runs_directly(token_ids, weights) and not _records_grad(weights)
-            and checks.embedding_call_ok(token_ids, weights, batch)):
+    if _runs_directly(token_ids, weights) and checks.embedding_call_ok(token_ids, weights, batch):
         checks.check_token_ids_in_range(op, token_ids, weights.shape[2])
         decision = resolve(op, batch, weights, backend)
         return _embedding_a_kernels(token_ids, weights, batch.token_adapter, batch.adapter_rank, decision.backend)

@@ -40,9 +40,9 @@ def test_launch_hooks_are_seen_in_either_form():
     from triton.knobs import HookChain
 
     chain = HookChain()
-    assert not _has_launch_hook(None, chain)  # Triton >= 3.5 always has a chain, empty by default
+    assert not _has_launch_hook(None) and not _has_launch_hook(chain)  # Triton >= 3.5: an empty chain
     chain.add(print)
-    assert _has_launch_hook(None, chain) and _has_launch_hook(print, None)
+    assert _has_launch_hook(chain) and _has_launch_hook(print)
 
 
 class _FakeKernel:
