@@ -123,6 +123,16 @@ def _has_launch_hook(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _run_has_more_to_do(kernel) -> bool:
+    """Whether ``JITFunction.run`` has per-call work besides the launch: launch hooks
+    (profilers), the kernel's pre-run hooks, a debug or instrumented build, or a pipeline-stages
+    hook, any of which a user may switch on at any time."""
+    runtime = knobs.runtime
+    return bool(_has_launch_hook(runtime.launch_enter_hook) or _has_launch_hook(runtime.launch_exit_hook)
+                or kernel.pre_run_hooks or runtime.debug or knobs.compilation.instrumentation_mode
+                or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+
+
 class CachedLaunch:
     """A kernel decorator (over ``@triton.jit``): ``kernel[grid](*args, **kwargs)`` launches
     through the compiled kernel's own C launcher.
@@ -135,8 +145,9 @@ class CachedLaunch:
     so a hit launches the kernel ``JITFunction.run`` would. A miss goes through
     ``JITFunction.run`` (it compiles, or loads from Triton's caches, and launches) and keeps the
     compiled kernel. Positional arguments are the kernel's leading runtime parameters (tensors
-    and ints), keyword arguments its constexprs and launch options. The interpreter (CPU) and
-    launch hooks (profilers) always take ``JITFunction.run``.
+    and ints), keyword arguments its constexprs and launch options. The interpreter (CPU), and
+    whatever gives ``JITFunction.run`` more to do (``_run_has_more_to_do``: hooks, debug or
+    instrumented builds), always take ``JITFunction.run``.
     """
 
     def __init__(self, kernel):
@@ -148,8 +159,7 @@ class CachedLaunch:
 
     def launch(self, grid: tuple[int], *args, **kwargs) -> None:
         args_key = _specialization_key(args) if isinstance(self.kernel, JITFunction) else None
-        runtime = knobs.runtime
-        if args_key is None or _has_launch_hook(runtime.launch_enter_hook) or _has_launch_hook(runtime.launch_exit_hook):
+        if args_key is None or _run_has_more_to_do(self.kernel):
             self.kernel[grid](*args, **kwargs)
             return
         device = torch.cuda.current_device()

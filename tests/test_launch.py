@@ -174,20 +174,35 @@ def test_launches_after_the_first_respecialize(op_case, backend, matmul_kernels)
 
 
 @requires_cuda
-def test_launch_hooks_still_see_every_launch(monkeypatch):
-    """With a Triton launch hook set (a profiler), launches go through JITFunction.run and call it."""
+@pytest.mark.parametrize("feature", ["launch hook", "pre-run hook", "debug build"])
+def test_what_jitfunction_run_does_per_call_still_happens(feature, monkeypatch):
+    """With a launch hook (a profiler), a kernel pre-run hook or a debug build switched on after
+    the kernels were cached, launches go through JITFunction.run again, and hooks see them."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    from csrc_triton import shrink
+
     case = OP_CASES[2]
     gen, seed = fresh_generator()
     batch = make_batch(SCENARIOS[0], device="cuda")
     inputs = case.build(batch, Dims(), torch.bfloat16, gen)
     case.run(inputs, batch, "triton")  # cached
-    launched = []
-    _set_launch_enter_hook(monkeypatch, launched.append)
+    runs, seen = [], []
+    jit_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or jit_run(self, *a, **k))
+    if feature == "launch hook":
+        _set_launch_enter_hook(monkeypatch, seen.append)
+    elif feature == "pre-run hook":
+        for launcher in (shrink._shrink_per_token_kernel, shrink._shrink_chunk_kernel):
+            monkeypatch.setattr(launcher.kernel, "pre_run_hooks", [lambda *args, **kwargs: seen.append(args)])
+    else:
+        monkeypatch.setattr(knobs.runtime, "debug", True)
     out = case.run(inputs, batch, "triton")
     monkeypatch.undo()
-    assert len(launched) == 1
+    assert len(runs) == 1 and len(seen) == (0 if feature == "debug build" else 1)
     assert_close_to_reference(out, case.reference(inputs, batch, torch.float64),
-                              case.reference(inputs, batch, torch.bfloat16), "shrink under a launch hook", seed)
+                              case.reference(inputs, batch, torch.bfloat16), f"shrink with a {feature}", seed)
 
 
 @requires_cuda
