@@ -121,11 +121,21 @@ def _set_launch_enter_hook(monkeypatch, hook) -> None:
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
 
 
-def test_a_launch_hook_sends_every_launch_through_jitfunction_run(fake_launch, monkeypatch):
+@pytest.mark.parametrize("feature", ["launch hook", "pre-run hook", "debug build", "instrumentation"])
+def test_per_call_work_of_jitfunction_run_sends_every_launch_through_it(fake_launch, monkeypatch, feature):
+    from triton import knobs
+
     kernel, launch = fake_launch
     x = torch.zeros(8)
     launch[(1,)](x, 32, BLOCK=64)
-    _set_launch_enter_hook(monkeypatch, print)
+    if feature == "launch hook":
+        _set_launch_enter_hook(monkeypatch, print)
+    elif feature == "pre-run hook":
+        monkeypatch.setattr(kernel, "pre_run_hooks", [print])
+    elif feature == "debug build":
+        monkeypatch.setattr(knobs.runtime, "debug", True)
+    else:
+        monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "consan")
     launch[(1,)](x, 32, BLOCK=64)
     assert len(kernel.jit_calls) == 2 and not kernel.runs
 
