@@ -152,13 +152,14 @@ class CachedLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.compiled_by_triton = isinstance(kernel, JITFunction)  # not the interpreter
         self.compiled = {}  # key -> (compiled kernel, constexpr values after the positional ones)
 
     def __getitem__(self, grid: tuple[int]):
         return functools.partial(self.launch, grid)
 
     def launch(self, grid: tuple[int], *args, **kwargs) -> None:
-        args_key = _specialization_key(args) if isinstance(self.kernel, JITFunction) else None
+        args_key = _specialization_key(args) if self.compiled_by_triton else None
         if args_key is None or _run_has_more_to_do(self.kernel):
             self.kernel[grid](*args, **kwargs)
             return
