@@ -90,7 +90,7 @@ REAL = Dims(in_features=4096, max_rank=64, q_size=4096, kv_size=1024, intermedia
 
 @requires_cuda
 @pytest.mark.parametrize("max_rank", [64, 128])
-@pytest.mark.parametrize("num_tokens", [1, 256, 4096])
+@pytest.mark.parametrize("num_tokens", [1, 256, 2048, 4096])
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
 def test_gpu_bf16_real_sizes(op_case, num_tokens, max_rank, poisoned_empty, matmul_kernels):
     """bfloat16 at Llama-3-8B sizes with heterogeneous ranks (the maximum beside 8 and 16) on the
