@@ -193,10 +193,8 @@ def _prefill_config(chunk_size: int, n_total: int, max_rank: int, num_tokens: in
         # 3 stages (72 KB) fit 3 programs per SM where 4 fit 2: a qkv of 8192 tokens (384
         # tiles) runs in one wave on 132 SMs (0.71-0.76x the time). With few tiles qkv is
         # fastest unsplit, 4 stages.
-        if num_slices >= 3 and not few_tiles:
-            return dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
-        split_k = 2 if few_tiles and num_slices == 2 else 1
-        return dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k, num_warps=8, num_stages=4)
+        return dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=2 if few_tiles and num_slices == 2 else 1,
+                    num_warps=8, num_stages=3 if num_slices >= 3 and not few_tiles else 4)
     block_n = min(64, max(16, next_power_of_2(max_rank)))
     if block_n == 64:  # rank >= 64: tensor-core bound, 8 warps at the 128-row tile
         # a 5th stage helps 2 slice tiles (gate-up) and costs residency with 3 (qkv)
