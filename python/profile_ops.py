@@ -118,7 +118,7 @@ def summarize(csv_path, labels, counts):
             except ValueError:
                 return float("nan")
         cells = [f"{value(i) * scale:.4g}" for i, _, scale in columns]
-        top = sorted(((value(i), reason) for reason, i in stalls), reverse=True)[:3]
+        top = sorted(((value(i), reason) for reason, i in stalls if value(i) == value(i)), reverse=True)[:3]  # no NaN
         label = owners[n] if n < len(owners) else "?"
         print(f"| {label} | {row[index['Kernel Name']][:48]} | " + " | ".join(cells) + " | "
               + ", ".join(f"{reason} {v:.2g}" for v, reason in top) + " |")
