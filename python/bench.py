@@ -23,7 +23,7 @@ import torch
 
 import lora_ops
 import roofline
-from bench_cases import CASES, LLAMA3_8B, NUM_SLOTS, OP_NAMES, OPS, SMOKE_DIMS, CaseBatch, OpInputs
+from bench_cases import CASES, LLAMA3_8B, NUM_SLOTS, OP_NAMES, OPS, SMOKE_DIMS, CaseBatch, OpInputs, select
 from host_overhead import measure_host_overhead
 from report import COLUMNS, copy_to_out, device_short_name, report, triton_version, write_csv
 from timing import CALLS_PER_GRAPH, first_line, graph_safe, time_op
@@ -122,16 +122,6 @@ def run_case(case, rank, ops, backends, dims, dtype, device, smoke, rates):
         if device.type == "cuda":  # the op's inputs are gone: give their memory back
             torch.cuda.empty_cache()
     return rows
-
-
-def select(names, wanted, what):
-    """Filter by exact name or prefix (e.g. 'decode' selects every decode case)."""
-    if not wanted:
-        return names
-    chosen = [n for n in names if any(n == w or n.startswith(w) for w in wanted)]
-    if not chosen:
-        sys.exit(f"no {what} matches {wanted}; choose from {names}")
-    return chosen
 
 
 def parse_args():

@@ -5,6 +5,7 @@ of ``lora_ops.testing.OP_CASES``, the table the tests use; this file only names 
 projections the bench times and picks the batch shapes.
 """
 
+import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -78,6 +79,16 @@ def case_scenario(case, rank, smoke, seed=0):
         num_seqs, seq_len = min(num_seqs, 4), min(seq_len, 8)
     adapters = sequence_adapters(case, num_seqs, rng)
     return Scenario(f"{case.name} r{rank}", (seq_len,) * num_seqs, tuple(adapters), (rank,) * NUM_SLOTS)
+
+
+def select(names, wanted, what):
+    """Filter by exact name or prefix (e.g. 'decode' selects every decode case)."""
+    if not wanted:
+        return names
+    chosen = [n for n in names if any(n == w or n.startswith(w) for w in wanted)]
+    if not chosen:
+        sys.exit(f"no {what} matches {wanted}; choose from {names}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------- the timed ops

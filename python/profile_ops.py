@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from bench_cases import CASES, LLAMA3_8B, OP_NAMES, OPS, CaseBatch, OpInputs
+from bench_cases import CASES, LLAMA3_8B, OP_NAMES, OPS, CaseBatch, OpInputs, select
 
 SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis",
             "ComputeWorkloadAnalysis"]
@@ -45,15 +45,13 @@ STALL = re.compile(r"smsp__average_warp(?:s|_latency)_issue_stalled_(\w+?)_per_i
 
 def selected_calls(args, device):
     """[(label, zero-argument call)] in launch order: each op, then its dense GEMM."""
+    case_names = select([c.name for c in CASES], args.cases, "case")
+    op_names = select(OP_NAMES, args.ops, "op")
     calls = []
-    for case in CASES:
-        if not any(case.name.startswith(p) for p in args.cases):
-            continue
+    for case in (c for c in CASES if c.name in case_names):
         for rank in args.ranks:
             case_batch = CaseBatch(case, rank, LLAMA3_8B, device, False)
-            for op in OPS:
-                if not any(op.name.startswith(p) for p in args.ops):
-                    continue
+            for op in (o for o in OPS if o.name in op_names):
                 inputs = OpInputs(op, case_batch, torch.bfloat16)
                 for backend in args.backends:
                     calls.append((f"{case.name} r{rank} {op.name} {backend}", inputs.call(backend)))
@@ -118,7 +116,8 @@ def summarize(csv_path, labels, counts):
             except ValueError:
                 return float("nan")
         cells = [f"{value(i) * scale:.4g}" for i, _, scale in columns]
-        top = sorted(((value(i), reason) for reason, i in stalls if value(i) == value(i)), reverse=True)[:3]  # no NaN
+        reported = [(v, reason) for v, reason in ((value(i), reason) for reason, i in stalls) if v == v]  # not NaN
+        top = sorted(reported, reverse=True)[:3]
         label = owners[n] if n < len(owners) else "?"
         print(f"| {label} | {row[index['Kernel Name']][:48]} | " + " | ".join(cells) + " | "
               + ", ".join(f"{reason} {v:.2g}" for v, reason in top) + " |")
