@@ -29,17 +29,18 @@ COLUMNS = [
     ("gpu__time_duration.sum", "us"),
     ("launch__grid_size", "grid"),
     ("launch__registers_per_thread", "regs"),
+    ("derived__local_spilling_requests", "spills"),
     ("launch__waves_per_multiprocessor", "waves"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occupancy %"),
     ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM %"),
-    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "DRAM %"),
+    ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "DRAM %"),
     ("lts__throughput.avg.pct_of_peak_sustained_elapsed", "L2 %"),
-    ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active", "wgmma %"),
-    ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "mma %"),
-    ("dram__bytes_read.sum", "DRAM read MB"),
+    ("lts__t_sector_hit_rate.pct", "L2 hit %"),
+    ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", "tensor %"),
 ]
-TO_COLUMN_UNIT = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0,
-                  "Gbyte": 1e3}  # times in us, bytes in MB; other units (%, counts) as they are
+DRAM_RATE = "dram__bytes.sum.per_second"  # times the duration: the "DRAM MB" column
+TO_COLUMN_UNIT = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}  # times in us; %, counts as they are
+TO_BYTES_PER_US = {"byte/s": 1e-6, "Kbyte/s": 1e-3, "Mbyte/s": 1.0, "Gbyte/s": 1e3, "Tbyte/s": 1e6}
 STALL = re.compile(r"smsp__average_warp(?:s|_latency)_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
@@ -107,8 +108,12 @@ def summarize(csv_path, labels, counts):
         print(f"warning: {len(rows)} profiled kernels, {len(owners)} expected; labels may be misaligned")
     columns = [(index[metric], name, TO_COLUMN_UNIT.get(units[index[metric]], 1.0))
                for metric, name in COLUMNS if metric in index]
-    print("| call | kernel | " + " | ".join(name for _, name, _ in columns) + " | top stalls (cycles/issue) |")
-    print("|---" * (len(columns) + 3) + "|")
+    time_column = index["gpu__time_duration.sum"]
+    time_scale = TO_COLUMN_UNIT[units[time_column]]
+    dram_rate = index.get(DRAM_RATE)
+    names = [name for _, name, _ in columns] + (["DRAM MB"] if dram_rate is not None else [])
+    print("| call | kernel | " + " | ".join(names) + " | top stalls (cycles/issue) |")
+    print("|---" * (len(names) + 3) + "|")
     for n, row in enumerate(rows):
         def value(i):
             try:
@@ -116,6 +121,9 @@ def summarize(csv_path, labels, counts):
             except ValueError:
                 return float("nan")
         cells = [f"{value(i) * scale:.4g}" for i, _, scale in columns]
+        if dram_rate is not None:  # bytes per us x us / 1e6
+            mb = value(dram_rate) * TO_BYTES_PER_US[units[dram_rate]] * value(time_column) * time_scale / 1e6
+            cells.append(f"{mb:.4g}")
         reported = [(v, reason) for v, reason in ((value(i), reason) for reason, i in stalls) if v == v]  # not NaN
         top = sorted(reported, reverse=True)[:3]
         label = owners[n] if n < len(owners) else "?"
