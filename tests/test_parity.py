@@ -49,7 +49,7 @@ def test_op_matches_reference(op_case, scenario, dtype, poisoned_empty, matmul_k
         check_op(op_case, scenario, dtype, backend)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 32])
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])  # 64: the prefill-sized chunk
 @pytest.mark.parametrize("op_case", OP_CASES, ids=lambda c: c.name)
 def test_chunk_boundaries(op_case, chunk_size, poisoned_empty, monkeypatch):
     """Runs of exactly, one below and one above the chunk size, in one batch (chunk kernels)."""
