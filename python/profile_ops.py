@@ -39,7 +39,8 @@ COLUMNS = [
     ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", "tensor %"),
 ]
 DRAM_RATE = "dram__bytes.sum.per_second"  # times the duration: the "DRAM MB" column
-TO_COLUMN_UNIT = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}  # times in us; %, counts as they are
+# times in us (ncu writes "ns" or "nsecond" by version); %, counts as they are
+TO_COLUMN_UNIT = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
 TO_BYTES_PER_US = {"byte/s": 1e-6, "Kbyte/s": 1e-3, "Mbyte/s": 1.0, "Gbyte/s": 1e3, "Tbyte/s": 1e6}
 STALL = re.compile(r"smsp__average_warp(?:s|_latency)_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
