@@ -6,9 +6,10 @@ What bounds a kernel that misses its target, from counters rather than guesses: 
 counts the kernels each call launches (torch.profiler), then runs itself under `ncu` (with
 `--clock-control none`: the clocks the benchmark sees), where every call is made once after its
 warm-up between cudaProfilerStart/Stop, so that only those launches are profiled. It prints one
-line per kernel: time, grid, registers, waves per SM, achieved occupancy, SM / DRAM / L2
-throughput in % of peak, the tensor pipe's activity, and the three largest warp stall reasons
-(cycles per issued instruction). Each op's line is followed by its dense GEMM's (bench_cases).
+line per kernel: time, grid, registers, local-memory spills, waves per SM, achieved occupancy,
+SM / DRAM / L2 throughput in % of peak, L2 hit rate, the tensor pipe's activity, DRAM bytes, and
+the three largest warp stall reasons (cycles per issued instruction). Each op's line is followed
+by its dense GEMM's (bench_cases).
 """
 
 import argparse
